@@ -610,7 +610,7 @@ impl Sealer {
 
 enum OpenerState {
     Header(Vec<u8>),
-    Frames(FrameOpener),
+    Frames(Box<FrameOpener>),
     Done,
     Failed,
 }
@@ -696,7 +696,7 @@ impl Opener {
                     }
                     let (header, fo) = FrameOpener::new(&self.key, buf)?;
                     self.header = Some(header);
-                    self.state = OpenerState::Frames(fo);
+                    self.state = OpenerState::Frames(Box::new(fo));
                 }
                 OpenerState::Frames(fo) => {
                     if input.is_empty() {

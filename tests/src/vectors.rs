@@ -100,7 +100,7 @@ fn whole(label: &str, len: usize, exp: u8) -> Vec<Vec<u8>> {
     let data = det_bytes(label, len);
     let c = 1usize << exp;
     let mut chunks: Vec<Vec<u8>> = data.chunks(c).map(<[u8]>::to_vec).collect();
-    if len % c == 0 {
+    if len.is_multiple_of(c) {
         chunks.push(Vec::new());
     }
     chunks

@@ -1,0 +1,454 @@
+//! [`BlobStore`]: sealed blobs on an object store, addressed by URN, checked by SHA-256.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+use veil_keys::{FRAME_LEN_LEN, HEADER_LEN, Header, SecretKey, TAG_LEN};
+
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+use crate::read::{BlobStream, OpenedStream};
+use crate::urn::{StorageType, Urn, check_bucket, check_provider};
+use crate::write::BlobWriter;
+
+/// Bytes a blob must have before its header and first frame length can be checked.
+pub(crate) const PREAMBLE_LEN: usize = HEADER_LEN + FRAME_LEN_LEN;
+
+/// Which store a URN points into: storage type, provider and bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StoreId {
+    /// Kind of storage.
+    pub storage_type: StorageType,
+    /// Provider name.
+    pub provider: String,
+    /// Bucket name.
+    pub bucket: String,
+}
+
+impl StoreId {
+    /// A store id, checked against the URN rules for provider and bucket.
+    pub fn new(
+        storage_type: StorageType,
+        provider: impl Into<String>,
+        bucket: impl Into<String>,
+    ) -> Result<Self> {
+        let (provider, bucket) = (provider.into(), bucket.into());
+        check_provider(&provider)?;
+        check_bucket(&bucket)?;
+        Ok(Self {
+            storage_type,
+            provider,
+            bucket,
+        })
+    }
+
+    /// Whether `urn` points into this store.
+    pub fn owns(&self, urn: &Urn) -> bool {
+        urn.storage_type() == self.storage_type
+            && urn.provider() == self.provider
+            && urn.bucket() == self.bucket
+    }
+
+    /// The URN of `file_name` in this store.
+    pub fn urn(&self, file_name: impl Into<String>) -> Result<Urn> {
+        Urn::new(
+            self.storage_type,
+            self.provider.clone(),
+            self.bucket.clone(),
+            file_name,
+        )
+    }
+}
+
+impl fmt::Display for StoreId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.storage_type, self.provider, self.bucket)
+    }
+}
+
+/// A reference to a stored blob: where it is, what it must hash to, and its size.
+///
+/// Serializes as `{"urn":"urn:blob:v1:…","sha256":"<64 lowercase hex>","size":123}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// Where the blob is.
+    pub urn: Urn,
+    /// SHA-256 of the whole blob (header and frames).
+    #[serde(with = "hex32")]
+    pub sha256: [u8; 32],
+    /// Size of the blob in bytes.
+    pub size: u64,
+}
+
+impl BlobRef {
+    /// The hash as lowercase hex (its text form in the protocol).
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if text.len() != 64 || text.bytes().any(|c| c.is_ascii_uppercase()) {
+            return Err(D::Error::custom("sha256 must be 64 lowercase hex characters"));
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text.as_bytes(), &mut out)
+            .map_err(|_| D::Error::custom("sha256 must be 64 lowercase hex characters"))?;
+        Ok(out)
+    }
+}
+
+/// What [`BlobStore::head`] reports about a stored blob (without reading or checking it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobMeta {
+    /// The blob's URN.
+    pub urn: Urn,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// When the object was written.
+    pub last_modified: SystemTime,
+}
+
+/// Sealed blobs on an object store.
+///
+/// * Writes accept only bytes that start with a valid v1 envelope header (protocol §3), so
+///   nothing unsealed is stored by mistake, and never overwrite: each blob gets a fresh name
+///   `{prefix/}{session_id}/{task_id | session}/{purpose}-{uuid v7}.veil`.
+/// * Reads check that the URN belongs to this store and that the bytes hash to the SHA-256 the
+///   caller expects; a mismatch is an error and yields no bytes.
+///
+/// Cheap to clone (an `Arc` inside); all methods take `&self` and can run concurrently.
+/// Streaming puts need a Tokio runtime (parts upload on spawned tasks).
+#[derive(Clone)]
+pub struct BlobStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    id: StoreId,
+    prefix: Option<String>,
+    part_size: usize,
+    upload_concurrency: usize,
+    max_get_size: u64,
+}
+
+impl fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("id", &self.inner.id)
+            .field("prefix", &self.inner.prefix)
+            .field("store", &format_args!("{}", self.inner.store))
+            .field("part_size", &self.inner.part_size)
+            .field("upload_concurrency", &self.inner.upload_concurrency)
+            .field("max_get_size", &self.inner.max_get_size)
+            .finish()
+    }
+}
+
+impl BlobStore {
+    /// Opens the store `config` describes. A filesystem store's directory is created; nothing
+    /// touches the network (the first request does).
+    pub fn from_config(config: &StoreConfig) -> Result<Self> {
+        let store = config.build_object_store()?;
+        Self::with_object_store(config, store)
+    }
+
+    /// Opens the store a URL describes ([`StoreConfig::from_url`]).
+    pub fn from_url(url: &str) -> Result<Self> {
+        Self::from_config(&StoreConfig::from_url(url)?)
+    }
+
+    /// A fresh, empty in-memory store (`urn:blob:v1:mem:local:mem:…`).
+    pub fn memory() -> Self {
+        Self::with_object_store(
+            &StoreConfig::memory(),
+            Arc::new(object_store::memory::InMemory::new()),
+        )
+        .expect("the default memory configuration is valid")
+    }
+
+    /// Uses `store` (any `object_store` implementation, e.g. one wrapped for metrics or
+    /// throttling) with the URN identity and tuning of `config`; `config.backend` only supplies
+    /// the storage type, provider and bucket.
+    pub fn with_object_store(config: &StoreConfig, store: Arc<dyn ObjectStore>) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                id: config.store_id(),
+                prefix: config.prefix.clone(),
+                part_size: config.part_size,
+                upload_concurrency: config.upload_concurrency,
+                max_get_size: config.max_get_size,
+            }),
+        })
+    }
+
+    /// Storage type, provider and bucket of this store's URNs.
+    pub fn id(&self) -> &StoreId {
+        &self.inner.id
+    }
+
+    /// The underlying object store (for administration; writes through it bypass every check).
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner.store
+    }
+
+    /// Multipart part size; blobs up to this size are written with one conditional put.
+    pub fn part_size(&self) -> usize {
+        self.inner.part_size
+    }
+
+    /// Parts in flight at once during a streaming put.
+    pub fn upload_concurrency(&self) -> usize {
+        self.inner.upload_concurrency
+    }
+
+    /// Largest blob [`BlobStore::get`] reads into memory.
+    pub fn max_get_size(&self) -> u64 {
+        self.inner.max_get_size
+    }
+
+    /// Whether `urn` points into this store.
+    pub fn owns(&self, urn: &Urn) -> bool {
+        self.inner.id.owns(urn)
+    }
+
+    /// Stores a sealed blob held in memory and returns its reference.
+    ///
+    /// Refuses ([`Error::NotSealed`]) bytes that do not start with a valid v1 envelope header
+    /// and a plausible first frame length. Blobs up to [`part_size`](Self::part_size) are written
+    /// with one atomic create-if-absent put; larger ones go through a multipart upload (see
+    /// [`BlobStore::writer`]).
+    pub async fn put(&self, blob: impl Into<Bytes>) -> Result<BlobRef> {
+        let blob: Bytes = blob.into();
+        if blob.len() > self.inner.part_size {
+            let mut writer = self.writer();
+            writer.write_bytes(blob).await?;
+            return writer.finish().await;
+        }
+        let header = check_sealed_start(&blob)?;
+        let (urn, path) = self.new_location(&header)?;
+        let sha256: [u8; 32] = Sha256::digest(&blob).into();
+        let size = blob.len() as u64;
+        self.put_create(&urn, &path, PutPayload::from_bytes(blob))
+            .await?;
+        Ok(BlobRef { urn, sha256, size })
+    }
+
+    /// A writer for a blob streamed in pieces, in bounded memory (about
+    /// `(upload_concurrency + 1) * part_size`). See [`BlobWriter`].
+    pub fn writer(&self) -> BlobWriter {
+        BlobWriter::new(self.clone())
+    }
+
+    /// Stores a sealed blob from a stream of byte chunks, in bounded memory.
+    ///
+    /// If the stream yields an error the upload is aborted and [`Error::Source`] returned.
+    /// To upload from an `AsyncRead`, wrap it in `tokio_util::io::ReaderStream`.
+    pub async fn put_stream<S, E>(&self, stream: S) -> Result<BlobRef>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    {
+        let mut stream = std::pin::pin!(stream);
+        let mut writer = self.writer();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(bytes) => writer.write_bytes(bytes).await?,
+                Err(e) => {
+                    // The caller's error is the one to report; an abort failure is secondary.
+                    let _ = writer.abort().await;
+                    return Err(Error::Source { source: e.into() });
+                }
+            }
+        }
+        writer.finish().await
+    }
+
+    /// Reads a whole blob and checks it against `expected_sha256`.
+    ///
+    /// Errors: [`Error::ForeignUrn`] if the URN names another store, [`Error::NotFound`],
+    /// [`Error::TooLarge`] above [`max_get_size`](Self::max_get_size), [`Error::HashMismatch`]
+    /// (and no bytes) if the stored bytes are not the expected ones.
+    pub async fn get(&self, urn: &Urn, expected_sha256: &[u8; 32]) -> Result<Bytes> {
+        let path = self.path_of(urn)?;
+        let result = self
+            .inner
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| Error::backend("get", urn, e))?;
+        let size = result.meta.size;
+        if size > self.inner.max_get_size {
+            return Err(Error::TooLarge {
+                urn: urn.clone(),
+                size,
+                limit: self.inner.max_get_size,
+            });
+        }
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|e| Error::backend("get", urn, e))?;
+        let actual: [u8; 32] = Sha256::digest(&bytes).into();
+        if actual != *expected_sha256 {
+            return Err(Error::HashMismatch { urn: urn.clone() });
+        }
+        Ok(bytes)
+    }
+
+    /// Streams a blob in bounded memory, hashing it on the way.
+    ///
+    /// **The data is unverified until the stream ends.** The stream yields the stored bytes as
+    /// they arrive; after the last of them it either ends (`None`: everything matched
+    /// `expected_sha256`) or yields one final `Err` ([`Error::HashMismatch`], or a transport
+    /// error) and then ends. Callers must not act on, forward or persist what they received
+    /// before they have seen the end without an error. To get plaintext, prefer
+    /// [`BlobStore::open_stream`], which only releases authenticated chunks.
+    ///
+    /// Errors before any byte flows ([`Error::ForeignUrn`], [`Error::NotFound`], …) are
+    /// returned directly.
+    pub async fn get_stream(&self, urn: &Urn, expected_sha256: &[u8; 32]) -> Result<BlobStream> {
+        let path = self.path_of(urn)?;
+        let result = self
+            .inner
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| Error::backend("get", urn, e))?;
+        Ok(BlobStream::new(urn.clone(), *expected_sha256, result))
+    }
+
+    /// Streams a blob and opens it with `key` (`K_session` or `K_task`, as the blob's scope
+    /// says): yields plaintext chunks, each only after it authenticated (AES-256-GCM under the
+    /// blob's committed key), and holds back the final chunk until the whole blob has also
+    /// matched `expected_sha256`. A stream that ends without an error has therefore delivered
+    /// the complete, verified plaintext; any failure (wrong key, tampering, truncation, hash
+    /// mismatch) is one final `Err` after which nothing more is released.
+    pub async fn open_stream(
+        &self,
+        urn: &Urn,
+        expected_sha256: &[u8; 32],
+        key: &SecretKey,
+    ) -> Result<OpenedStream> {
+        let blob = self.get_stream(urn, expected_sha256).await?;
+        Ok(OpenedStream::new(blob, key))
+    }
+
+    /// Size and modification time of a stored blob (its bytes are neither read nor checked).
+    pub async fn head(&self, urn: &Urn) -> Result<BlobMeta> {
+        let path = self.path_of(urn)?;
+        let meta = self
+            .inner
+            .store
+            .head(&path)
+            .await
+            .map_err(|e| Error::backend("head", urn, e))?;
+        Ok(BlobMeta {
+            urn: urn.clone(),
+            size: meta.size,
+            last_modified: meta.last_modified.into(),
+        })
+    }
+
+    /// Deletes a blob. Idempotent: deleting a blob that does not exist (any more) succeeds, so
+    /// retries and concurrent cleanups are safe. A URN of another store is still refused.
+    pub async fn delete(&self, urn: &Urn) -> Result<()> {
+        let path = self.path_of(urn)?;
+        match self.inner.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::backend("delete", urn, e)),
+        }
+    }
+
+    /// Checks that `urn` is this store's and maps it to an object path.
+    fn path_of(&self, urn: &Urn) -> Result<Path> {
+        if !self.owns(urn) {
+            return Err(Error::ForeignUrn {
+                urn: urn.clone(),
+                store: self.inner.id.clone(),
+            });
+        }
+        // A URN file name is always a valid object path (a strict subset of its rules).
+        Path::parse(urn.file_name()).map_err(|e| Error::Backend {
+            op: "path",
+            source: e.into(),
+        })
+    }
+
+    /// A fresh URN and object path for a blob with this header.
+    pub(crate) fn new_location(&self, header: &Header) -> Result<(Urn, Path)> {
+        let task = header
+            .key
+            .task_id
+            .map_or_else(|| "session".to_owned(), |t| t.hyphenated().to_string());
+        let name = format!(
+            "{}/{task}/{}-{}.veil",
+            header.key.session_id.hyphenated(),
+            header.purpose,
+            Uuid::now_v7().hyphenated()
+        );
+        let file_name = match &self.inner.prefix {
+            Some(prefix) => format!("{prefix}/{name}"),
+            None => name,
+        };
+        let urn = self.inner.id.urn(file_name)?;
+        let path = self.path_of(&urn)?;
+        Ok((urn, path))
+    }
+
+    /// One atomic create-if-absent put.
+    pub(crate) async fn put_create(&self, urn: &Urn, path: &Path, payload: PutPayload) -> Result<()> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self.inner.store.put_opts(path, payload, opts).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::Precondition { .. }) => {
+                Err(Error::AlreadyExists { urn: urn.clone() })
+            }
+            Err(e) => Err(Error::backend("put", urn, e)),
+        }
+    }
+}
+
+/// Checks that `start` (the first bytes of a blob, at least [`PREAMBLE_LEN`] of them unless the
+/// blob is shorter) begins with a valid v1 header and a first frame length that the header
+/// allows. Needs no key.
+pub(crate) fn check_sealed_start(start: &[u8]) -> Result<Header> {
+    let not_sealed = |source| Error::NotSealed { source };
+    let header = Header::parse(start).map_err(not_sealed)?;
+    let Some(word) = start.get(HEADER_LEN..PREAMBLE_LEN) else {
+        return Err(not_sealed(veil_keys::Error::Truncated));
+    };
+    let word = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+    let last = word >> 31 == 1;
+    let len = word & 0x7fff_ffff;
+    let max = header.chunk_size() + TAG_LEN;
+    if (len as usize) < TAG_LEN || len as usize > max {
+        return Err(not_sealed(veil_keys::Error::BadFrameLength { index: 0, len }));
+    }
+    if !last && len as usize == TAG_LEN {
+        return Err(not_sealed(veil_keys::Error::EmptyNonFinalChunk { index: 0 }));
+    }
+    Ok(header)
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs Veil's whole test suite on a fresh machine or a developer's laptop.
+#
+# It installs what the tests need when it is missing and starts it on loopback:
+#   - the S3-compatible test server `moto_server` (PyPI: moto[server])
+#   - the `cryptography` Python package for the independent protocol-vector check
+# then runs every Rust test in the workspace (unit, integration, doc tests) and
+# the independent vector check.
+#
+# Usage: scripts/test.sh [extra cargo test arguments]
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+MOTO_VERSION=5.2.1
+CRYPTOGRAPHY_MIN=42
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+PYTHON=${PYTHON:-python3}
+command -v "$PYTHON" >/dev/null || { echo "error: python3 is required" >&2; exit 1; }
+
+pip_install() {
+  log "installing $* from PyPI"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"
+}
+
+# --- Python tools -----------------------------------------------------------
+if ! "$PYTHON" -c "import cryptography, sys; sys.exit(int(cryptography.__version__.split('.')[0]) < $CRYPTOGRAPHY_MIN)" 2>/dev/null; then
+  pip_install "cryptography>=$CRYPTOGRAPHY_MIN"
+fi
+if ! command -v moto_server >/dev/null 2>&1 || ! moto_server --help >/dev/null 2>&1; then
+  pip_install "moto[server]==$MOTO_VERSION"
+  hash -r
+fi
+MOTO=$(command -v moto_server)
+
+# --- services on loopback ---------------------------------------------------
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do
+    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+  "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_http() { # url, seconds
+  local url=$1 deadline=$((SECONDS + $2))
+  until curl -s -o /dev/null "$url"; do
+    if [ $SECONDS -ge $deadline ]; then echo "error: $url did not come up" >&2; return 1; fi
+    sleep 0.2
+  done
+}
+
+if [ -z "${VEIL_TEST_S3_ENDPOINT:-}" ]; then
+  port=$(free_port)
+  log "starting moto_server on 127.0.0.1:$port"
+  "$MOTO" -H 127.0.0.1 -p "$port" >"${TMPDIR:-/tmp}/veil-moto-$port.log" 2>&1 &
+  pids+=($!)
+  export VEIL_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
+  wait_http "$VEIL_TEST_S3_ENDPOINT" 30
+fi
+
+# --- the suite --------------------------------------------------------------
+log "cargo test --workspace"
+cargo test --workspace --locked "$@"
+
+log "independent protocol-vector check (Python, from the spec)"
+"$PYTHON" keys/tests/vectors/check_vectors.py
