@@ -498,7 +498,10 @@ impl StoreConfig {
         if !(min_part..=MAX_PART_SIZE).contains(&self.part_size) {
             return Err(Error::config(
                 "part_size",
-                format!("must be between {min_part} and {MAX_PART_SIZE} bytes for {} stores", id.storage_type),
+                format!(
+                    "must be between {min_part} and {MAX_PART_SIZE} bytes for {} stores",
+                    id.storage_type
+                ),
             ));
         }
         if !(1..=MAX_UPLOAD_CONCURRENCY).contains(&self.upload_concurrency) {
@@ -574,7 +577,10 @@ impl StoreConfig {
             }
             "file" => {
                 if !(host.is_empty() || host == "localhost") {
-                    return Err(Error::config("url", "file URLs must be file:///absolute/path"));
+                    return Err(Error::config(
+                        "url",
+                        "file URLs must be file:///absolute/path",
+                    ));
                 }
                 let root = parsed
                     .to_file_path()
@@ -641,7 +647,10 @@ impl StoreConfig {
         let mut config = Self::new(backend);
         if let Some(p) = query.take("prefix") {
             if prefix.is_some() {
-                return Err(Error::config("prefix", "given both in the URL path and as ?prefix="));
+                return Err(Error::config(
+                    "prefix",
+                    "given both in the URL path and as ?prefix=",
+                ));
             }
             prefix = Some(p);
         }
@@ -666,7 +675,10 @@ impl StoreConfig {
     /// Builds the object store. Creates the directory of a filesystem store; touches no network.
     pub(crate) fn build_object_store(&self) -> Result<Arc<dyn ObjectStore>> {
         self.validate()?;
-        let build_err = |source| Error::Backend { op: "build", source };
+        let build_err = |source| Error::Backend {
+            op: "build",
+            source,
+        };
         Ok(match &self.backend {
             Backend::Mem { .. } => Arc::new(InMemory::new()),
             Backend::Fs { root, fsync, .. } => {
@@ -794,7 +806,8 @@ fn azure_option(key: &str) -> Result<AzureConfigKey> {
 }
 
 fn check_endpoint(field: &str, endpoint: &str) -> Result<()> {
-    let url = Url::parse(endpoint).map_err(|e| Error::config(field, format!("is not a URL ({e})")))?;
+    let url =
+        Url::parse(endpoint).map_err(|e| Error::config(field, format!("is not a URL ({e})")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(Error::config(field, "must be an http:// or https:// URL"));
     }
@@ -825,7 +838,12 @@ pub(crate) fn parse_size(field: &str, s: &str) -> Result<u64> {
         "k" | "kb" | "kib" => KIB,
         "m" | "mb" | "mib" => MIB,
         "g" | "gb" | "gib" => GIB,
-        _ => return Err(Error::config(field, "has an unknown unit (use KiB, MiB or GiB)")),
+        _ => {
+            return Err(Error::config(
+                field,
+                "has an unknown unit (use KiB, MiB or GiB)",
+            ));
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| Error::config(field, "is too large"))
@@ -886,7 +904,10 @@ impl Query {
     fn finish(self) -> Result<()> {
         match self.pairs.keys().next() {
             None => Ok(()),
-            Some(key) => Err(Error::config(key.clone(), "is not a known option for this scheme")),
+            Some(key) => Err(Error::config(
+                key.clone(),
+                "is not a known option for this scheme",
+            )),
         }
     }
 }
@@ -911,9 +932,19 @@ mod tests {
 
     #[test]
     fn memory_urls() {
-        for (url, bucket) in [("mem://", "mem"), ("mem://scratch", "scratch"), ("memory://x", "x")] {
+        for (url, bucket) in [
+            ("mem://", "mem"),
+            ("mem://scratch", "scratch"),
+            ("memory://x", "x"),
+        ] {
             let c = StoreConfig::from_url(url).unwrap();
-            assert_eq!(c.backend, Backend::Mem { bucket: bucket.into() }, "{url}");
+            assert_eq!(
+                c.backend,
+                Backend::Mem {
+                    bucket: bucket.into()
+                },
+                "{url}"
+            );
             assert_eq!(c.store_id().to_string(), format!("mem:local:{bucket}"));
         }
         let c = StoreConfig::from_url("mem://m/some/prefix?part_size=64KiB").unwrap();
@@ -933,12 +964,19 @@ mod tests {
                 fsync: false
             }
         );
-        assert_eq!(c.prefix, None, "a file URL's path is the root, not a prefix");
+        assert_eq!(
+            c.prefix, None,
+            "a file URL's path is the root, not a prefix"
+        );
         for path in ["/tmp/veil", "data/blobs", "./blobs"] {
             let c = StoreConfig::from_url(path).unwrap();
             assert_eq!(
                 c.backend,
-                Backend::Fs { root: path.into(), bucket: "blobs".into(), fsync: true }
+                Backend::Fs {
+                    root: path.into(),
+                    bucket: "blobs".into(),
+                    fsync: true
+                }
             );
             assert_eq!(c.store_id().to_string(), "fs:local:blobs");
         }
@@ -962,9 +1000,15 @@ mod tests {
         assert_eq!(s.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(s.allow_http, Some(true));
         assert_eq!(s.path_style, Some(true));
-        assert_eq!(s.options.get("checksum_algorithm").map(String::as_str), Some("SHA256"));
+        assert_eq!(
+            s.options.get("checksum_algorithm").map(String::as_str),
+            Some("SHA256")
+        );
         assert_eq!(c.prefix.as_deref(), Some("tenant-a"));
-        assert_eq!((c.part_size, c.upload_concurrency, c.max_get_size), (16 << 20, 8, 64 << 20));
+        assert_eq!(
+            (c.part_size, c.upload_concurrency, c.max_get_size),
+            (16 << 20, 8, 64 << 20)
+        );
         assert_eq!(c.store_id().to_string(), "s3:minio:veil-blobs");
 
         let plain = StoreConfig::from_url("s3://b").unwrap();
@@ -984,14 +1028,20 @@ mod tests {
         assert_eq!(field_of("s3://b?no_such_option=1"), "s3.no_such_option");
         assert_eq!(field_of("s3://b?part_size=1MiB"), "part_size");
         assert_eq!(field_of("s3://b?part_size=lots"), "part_size");
-        assert_eq!(field_of("s3://b?upload_concurrency=0"), "upload_concurrency");
+        assert_eq!(
+            field_of("s3://b?upload_concurrency=0"),
+            "upload_concurrency"
+        );
         assert_eq!(field_of("s3://b?max_get_size=0"), "max_get_size");
         assert_eq!(field_of("s3://b?endpoint=ftp://x"), "s3.endpoint");
         assert_eq!(field_of("s3://b?region=a&region=b"), "region");
         assert_eq!(field_of("s3://b/a?prefix=b"), "prefix");
         assert_eq!(field_of("s3://b/a//b"), "prefix");
         assert_eq!(field_of("s3://b?prefix=../x"), "prefix");
-        assert_eq!(field_of("s3://b?path_style=true&virtual_hosted_style=true"), "path_style");
+        assert_eq!(
+            field_of("s3://b?path_style=true&virtual_hosted_style=true"),
+            "path_style"
+        );
         assert_eq!(field_of("mem://?endpoint=x"), "endpoint");
         assert_eq!(field_of("gs://"), "bucket");
         assert_eq!(field_of("az://"), "container");
@@ -1027,8 +1077,9 @@ mod tests {
         assert_eq!(c.prefix.as_deref(), Some("p"));
         assert_eq!(c.store_id().to_string(), "gcs:gcp:veil-gcs");
 
-        let c = StoreConfig::from_url("az://veil-c?account=acct&use_emulator=true&provider=azurite")
-            .unwrap();
+        let c =
+            StoreConfig::from_url("az://veil-c?account=acct&use_emulator=true&provider=azurite")
+                .unwrap();
         assert_eq!(
             c.backend,
             Backend::Azure(
@@ -1060,9 +1111,15 @@ mod tests {
     #[test]
     fn credentials_debug_is_redacted() {
         let c = S3Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI").with_session_token("tok123");
-        let dbg = format!("{:?}", StoreConfig::s3(S3Config::new("b").with_credentials(c)));
+        let dbg = format!(
+            "{:?}",
+            StoreConfig::s3(S3Config::new("b").with_credentials(c))
+        );
         assert!(dbg.contains("AKIDEXAMPLE"), "{dbg}");
-        assert!(!dbg.contains("wJalrXUtnFEMI") && !dbg.contains("tok123"), "{dbg}");
+        assert!(
+            !dbg.contains("wJalrXUtnFEMI") && !dbg.contains("tok123"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -1085,7 +1142,14 @@ mod tests {
         let fs: StoreConfig =
             serde_json::from_value(serde_json::json!({"backend": {"type": "fs", "root": "/x"}}))
                 .unwrap();
-        assert_eq!(fs.backend, Backend::Fs { root: "/x".into(), bucket: "blobs".into(), fsync: true });
+        assert_eq!(
+            fs.backend,
+            Backend::Fs {
+                root: "/x".into(),
+                bucket: "blobs".into(),
+                fsync: true
+            }
+        );
     }
 
     #[test]

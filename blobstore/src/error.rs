@@ -72,7 +72,9 @@ pub enum Error {
     },
 
     /// A whole-buffer read of a blob larger than the store's `max_get_size`.
-    #[error("blob {urn} is {size} bytes, over the {limit}-byte limit for whole-buffer reads; stream it instead")]
+    #[error(
+        "blob {urn} is {size} bytes, over the {limit}-byte limit for whole-buffer reads; stream it instead"
+    )]
     TooLarge {
         /// The URN read.
         urn: Urn,

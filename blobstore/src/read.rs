@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, Stream, StreamExt};
 use object_store::{GetResult, GetResultPayload};
 use sha2::{Digest, Sha256};
-use veil_keys::{Opener, SecretKey, Zeroizing};
+use veil_keys::{Opener, Plaintext, SecretKey};
 
 use crate::error::{Error, Result};
 use crate::urn::Urn;
@@ -165,7 +165,10 @@ fn file_stream(file: File, offset: u64, len: u64) -> BoxStream<'static, Result<B
                 return Ok(None);
             }
             let n = buf.len() as u64;
-            Ok(Some((Bytes::from(buf), (Some(file), pos + n, remaining - n))))
+            Ok(Some((
+                Bytes::from(buf),
+                (Some(file), pos + n, remaining - n),
+            )))
         },
     )
     .boxed()
@@ -184,8 +187,8 @@ fn file_stream(file: File, offset: u64, len: u64) -> BoxStream<'static, Result<B
 pub struct OpenedStream {
     blob: BlobStream,
     opener: Option<Opener>,
-    ready: VecDeque<Zeroizing<Vec<u8>>>,
-    held_last: Option<Zeroizing<Vec<u8>>>,
+    ready: VecDeque<Plaintext>,
+    held_last: Option<Plaintext>,
     done: bool,
 }
 
@@ -219,7 +222,7 @@ impl OpenedStream {
         self.opener.as_ref().and_then(Opener::header)
     }
 
-    fn fail(&mut self, error: Error) -> Poll<Option<Result<Zeroizing<Vec<u8>>>>> {
+    fn fail(&mut self, error: Error) -> Poll<Option<Result<Plaintext>>> {
         self.done = true;
         self.ready.clear();
         self.held_last = None;
@@ -229,7 +232,7 @@ impl OpenedStream {
 }
 
 impl Stream for OpenedStream {
-    type Item = Result<Zeroizing<Vec<u8>>>;
+    type Item = Result<Plaintext>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {

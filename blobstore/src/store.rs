@@ -105,7 +105,9 @@ mod hex32 {
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         if text.len() != 64 || text.bytes().any(|c| c.is_ascii_uppercase()) {
-            return Err(D::Error::custom("sha256 must be 64 lowercase hex characters"));
+            return Err(D::Error::custom(
+                "sha256 must be 64 lowercase hex characters",
+            ));
         }
         let mut out = [0u8; 32];
         hex::decode_to_slice(text.as_bytes(), &mut out)
@@ -416,7 +418,12 @@ impl BlobStore {
     }
 
     /// One atomic create-if-absent put.
-    pub(crate) async fn put_create(&self, urn: &Urn, path: &Path, payload: PutPayload) -> Result<()> {
+    pub(crate) async fn put_create(
+        &self,
+        urn: &Urn,
+        path: &Path,
+        payload: PutPayload,
+    ) -> Result<()> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -445,10 +452,101 @@ pub(crate) fn check_sealed_start(start: &[u8]) -> Result<Header> {
     let len = word & 0x7fff_ffff;
     let max = header.chunk_size() + TAG_LEN;
     if (len as usize) < TAG_LEN || len as usize > max {
-        return Err(not_sealed(veil_keys::Error::BadFrameLength { index: 0, len }));
+        return Err(not_sealed(veil_keys::Error::BadFrameLength {
+            index: 0,
+            len,
+        }));
     }
     if !last && len as usize == TAG_LEN {
-        return Err(not_sealed(veil_keys::Error::EmptyNonFinalChunk { index: 0 }));
+        return Err(not_sealed(veil_keys::Error::EmptyNonFinalChunk {
+            index: 0,
+        }));
     }
     Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_refs_serialize_with_hex_hashes() {
+        let r = BlobRef {
+            urn: "urn:blob:v1:mem:local:mem:a/b.veil".parse().unwrap(),
+            sha256: [0xab; 32],
+            size: 128,
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "urn": "urn:blob:v1:mem:local:mem:a/b.veil",
+                "sha256": "ab".repeat(32),
+                "size": 128
+            })
+        );
+        assert_eq!(r.sha256_hex(), "ab".repeat(32));
+        assert_eq!(serde_json::from_value::<BlobRef>(json).unwrap(), r);
+        for bad in ["AB".repeat(32), "ab".repeat(31), "zz".repeat(32)] {
+            let v =
+                serde_json::json!({"urn": "urn:blob:v1:mem:local:mem:a", "sha256": bad, "size": 1});
+            assert!(serde_json::from_value::<BlobRef>(v).is_err());
+        }
+    }
+
+    #[test]
+    fn store_ids_own_their_urns_only() {
+        let id = StoreId::new(StorageType::S3, "minio", "veil").unwrap();
+        assert_eq!(id.to_string(), "s3:minio:veil");
+        let urn = id.urn("x/y").unwrap();
+        assert_eq!(urn.to_string(), "urn:blob:v1:s3:minio:veil:x/y");
+        assert!(id.owns(&urn));
+        for other in [
+            "urn:blob:v1:gcs:minio:veil:x/y",
+            "urn:blob:v1:s3:aws:veil:x/y",
+            "urn:blob:v1:s3:minio:veil2:x/y",
+        ] {
+            assert!(!id.owns(&other.parse().unwrap()), "{other}");
+        }
+        assert!(StoreId::new(StorageType::S3, "MinIO", "veil").is_err());
+        assert!(StoreId::new(StorageType::S3, "minio", "").is_err());
+    }
+
+    #[test]
+    fn the_preamble_check_needs_no_key() {
+        use veil_keys::{BlobParams, KeyId, Purpose};
+        let key = SecretKey::from_bytes([1; 32]);
+        let params = BlobParams::new(KeyId::session(1, Uuid::now_v7()), Purpose::Prompt);
+        let blob = veil_keys::seal(&key, &params, b"hi").unwrap();
+        let header = check_sealed_start(&blob).unwrap();
+        assert_eq!(header.key, params.key);
+        assert!(matches!(
+            check_sealed_start(&blob[..HEADER_LEN]),
+            Err(Error::NotSealed {
+                source: veil_keys::Error::Truncated
+            })
+        ));
+        assert!(matches!(
+            check_sealed_start(&blob[..10]),
+            Err(Error::NotSealed {
+                source: veil_keys::Error::ShortHeader
+            })
+        ));
+        // Default chunk exponent 16: a frame holds at most 2^16 + 16 = 65 552 bytes.
+        assert_eq!(header.chunk_size(), 65_536);
+        let mut too_long = blob.clone();
+        too_long[HEADER_LEN..PREAMBLE_LEN].copy_from_slice(&(65_552u32 + 1).to_be_bytes());
+        assert!(matches!(
+            check_sealed_start(&too_long),
+            Err(Error::NotSealed {
+                source: veil_keys::Error::BadFrameLength {
+                    index: 0,
+                    len: 65_553
+                }
+            })
+        ));
+        let mut at_max = blob;
+        at_max[HEADER_LEN..PREAMBLE_LEN].copy_from_slice(&65_552u32.to_be_bytes());
+        check_sealed_start(&at_max).unwrap();
+    }
 }

@@ -89,7 +89,10 @@ impl FromStr for UrnVersion {
         match s {
             "v1" => Ok(Self::V1),
             "" => Err(invalid(UrnComponent::Version, "is missing")),
-            _ => Err(invalid(UrnComponent::Version, "is not supported (expected \"v1\")")),
+            _ => Err(invalid(
+                UrnComponent::Version,
+                "is not supported (expected \"v1\")",
+            )),
         }
     }
 }
@@ -290,7 +293,13 @@ impl Urn {
         check_provider(&provider)?;
         check_bucket(&bucket)?;
         check_file_name(&file_name)?;
-        Ok(Self::assemble(UrnVersion::V1, storage_type, &provider, &bucket, &file_name))
+        Ok(Self::assemble(
+            UrnVersion::V1,
+            storage_type,
+            &provider,
+            &bucket,
+            &file_name,
+        ))
     }
 
     /// Builds the value from components that were already checked.
@@ -335,7 +344,13 @@ impl Urn {
         check_provider(&provider)?;
         check_bucket(&bucket)?;
         check_file_name(&file_name)?;
-        Ok(Self::assemble(version, storage_type, &provider, &bucket, &file_name))
+        Ok(Self::assemble(
+            version,
+            storage_type,
+            &provider,
+            &bucket,
+            &file_name,
+        ))
     }
 
     /// The URN format version (always `v1` today).
@@ -398,7 +413,13 @@ impl FromStr for Urn {
         check_bucket(bucket)?;
         let file_name = next(UrnComponent::FileName)?;
         check_file_name(file_name)?;
-        Ok(Self::assemble(version, storage_type, provider, bucket, file_name))
+        Ok(Self::assemble(
+            version,
+            storage_type,
+            provider,
+            bucket,
+            file_name,
+        ))
     }
 }
 
@@ -497,7 +518,11 @@ mod tests {
     fn limits_are_inclusive() {
         let name63 = "a".repeat(63);
         let seg255 = "s".repeat(255);
-        let file1024 = format!("{seg255}/{seg255}/{seg255}/{}/{}", "t".repeat(127), "u".repeat(128));
+        let file1024 = format!(
+            "{seg255}/{seg255}/{seg255}/{}/{}",
+            "t".repeat(127),
+            "u".repeat(128)
+        );
         assert_eq!(file1024.len(), 1024);
         let urn = Urn::new(StorageType::S3, &*name63, &*name63, &*file1024).unwrap();
         assert_eq!(urn.to_string().parse::<Urn>().unwrap(), urn);
@@ -551,7 +576,10 @@ mod tests {
             assert_eq!(component_of(s), *component, "{s:?}");
         }
         // "..." and ".x" are ordinary names, only "." and ".." are special.
-        for ok in ["urn:blob:v1:s3:aws:b:.../.x/x.", "urn:blob:v1:mem:local:mem:A-Z_0.9"] {
+        for ok in [
+            "urn:blob:v1:s3:aws:b:.../.x/x.",
+            "urn:blob:v1:mem:local:mem:A-Z_0.9",
+        ] {
             assert_eq!(ok.parse::<Urn>().unwrap().to_string(), ok);
         }
     }
@@ -595,7 +623,10 @@ mod tests {
         bad.bucket = "Bad".into();
         assert!(matches!(
             Urn::try_from(bad),
-            Err(Error::InvalidUrn { component: UrnComponent::Bucket, .. })
+            Err(Error::InvalidUrn {
+                component: UrnComponent::Bucket,
+                ..
+            })
         ));
     }
 

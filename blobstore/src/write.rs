@@ -249,7 +249,8 @@ impl BlobWriter {
                     .put_multipart(&path)
                     .await
                     .map_err(|e| Error::backend("multipart", &urn, e))?;
-                let mut upload = WriteMultipart::new_with_chunk_size(upload, self.store.part_size());
+                let mut upload =
+                    WriteMultipart::new_with_chunk_size(upload, self.store.part_size());
                 for piece in buffered {
                     upload.put(piece);
                 }

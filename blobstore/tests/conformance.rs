@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use veil_blobstore::{
     BlobRef, BlobStore, Error, S3Config, S3Credentials, StorageType, StoreConfig, Urn,
 };
-use veil_keys::{BlobParams, KeyId, Purpose, SecretKey, Sealer, Uuid};
+use veil_keys::{BlobParams, KeyId, Purpose, Sealer, SecretKey, Uuid};
 use veil_testkit::S3Server;
 
 /// The smallest part size S3 accepts; every backend uses it so that the multipart path is
@@ -89,7 +89,10 @@ fn session_params(purpose: Purpose) -> BlobParams {
 }
 
 fn task_params() -> BlobParams {
-    BlobParams::new(KeyId::task(3, Uuid::now_v7(), Uuid::now_v7()), Purpose::Result)
+    BlobParams::new(
+        KeyId::task(3, Uuid::now_v7(), Uuid::now_v7()),
+        Purpose::Result,
+    )
 }
 
 fn plaintext(len: usize, seed: u8) -> Vec<u8> {
@@ -130,7 +133,13 @@ async fn stream_put(store: &BlobStore, len: usize) -> (Vec<u8>, Vec<u8>, BlobRef
 }
 
 async fn object_count(f: &Fixture) -> usize {
-    let listed: Vec<_> = f.store.object_store().list(None).try_collect().await.unwrap();
+    let listed: Vec<_> = f
+        .store
+        .object_store()
+        .list(None)
+        .try_collect()
+        .await
+        .unwrap();
     listed.len()
 }
 
@@ -155,7 +164,11 @@ fn files_on_disk(f: &Fixture) -> Vec<PathBuf> {
 
 async fn assert_nothing_stored(f: &Fixture) {
     assert_eq!(object_count(f).await, 0, "no object may remain");
-    assert_eq!(files_on_disk(f), Vec::<PathBuf>::new(), "no file may remain");
+    assert_eq!(
+        files_on_disk(f),
+        Vec::<PathBuf>::new(),
+        "no file may remain"
+    );
 }
 
 /// Replaces the stored object behind `urn` with `bytes`, bypassing the store's checks.
@@ -212,7 +225,10 @@ async fn round_trip_of_several_sizes(f: &Fixture) {
         assert_eq!(blob_ref.size, blob.len() as u64, "len {len}");
         assert_eq!(blob_ref.sha256, sha(&blob), "len {len}");
         assert!(f.store.owns(&blob_ref.urn));
-        assert_eq!(blob_ref.urn.to_string().parse::<Urn>().unwrap(), blob_ref.urn);
+        assert_eq!(
+            blob_ref.urn.to_string().parse::<Urn>().unwrap(),
+            blob_ref.urn
+        );
         let got = f.store.get(&blob_ref.urn, &blob_ref.sha256).await.unwrap();
         assert!(got == blob, "bytes differ for len {len}");
         let opened = veil_keys::open(&key(), &got).unwrap();
@@ -270,10 +286,16 @@ async fn wrong_hash_is_refused_with_no_bytes(f: &Fixture) {
     let mut wrong = r.sha256;
     wrong[31] ^= 1;
     let err = f.store.get(&r.urn, &wrong).await.unwrap_err();
-    assert!(matches!(err, Error::HashMismatch { ref urn } if *urn == r.urn), "{err:?}");
+    assert!(
+        matches!(err, Error::HashMismatch { ref urn } if *urn == r.urn),
+        "{err:?}"
+    );
     assert_eq!(err.kind_code(), "hash_mismatch");
     let (_, errors) = drain(f.store.get_stream(&r.urn, &wrong).await.unwrap()).await;
-    assert!(matches!(errors.as_slice(), [Error::HashMismatch { .. }]), "{errors:?}");
+    assert!(
+        matches!(errors.as_slice(), [Error::HashMismatch { .. }]),
+        "{errors:?}"
+    );
     // The blob itself is untouched.
     f.store.get(&r.urn, &r.sha256).await.unwrap();
 }
@@ -289,7 +311,10 @@ async fn tampered_object_is_refused(f: &Fixture) {
     let err = f.store.get(&r.urn, &r.sha256).await.unwrap_err();
     assert!(matches!(err, Error::HashMismatch { .. }), "{err:?}");
     let (_, errors) = drain(f.store.get_stream(&r.urn, &r.sha256).await.unwrap()).await;
-    assert!(matches!(errors.as_slice(), [Error::HashMismatch { .. }]), "{errors:?}");
+    assert!(
+        matches!(errors.as_slice(), [Error::HashMismatch { .. }]),
+        "{errors:?}"
+    );
 
     // Truncated, and extended.
     overwrite_raw(f, &r.urn, blob[..blob.len() - 1].to_vec()).await;
@@ -317,8 +342,20 @@ async fn urns_of_other_stores_are_refused(f: &Fixture) {
     };
     let foreign = [
         Urn::new(other_type, u.provider(), u.bucket(), u.file_name()).unwrap(),
-        Urn::new(u.storage_type(), "other-provider", u.bucket(), u.file_name()).unwrap(),
-        Urn::new(u.storage_type(), u.provider(), "other-bucket", u.file_name()).unwrap(),
+        Urn::new(
+            u.storage_type(),
+            "other-provider",
+            u.bucket(),
+            u.file_name(),
+        )
+        .unwrap(),
+        Urn::new(
+            u.storage_type(),
+            u.provider(),
+            "other-bucket",
+            u.file_name(),
+        )
+        .unwrap(),
     ];
     for urn in &foreign {
         assert!(!f.store.owns(urn));
@@ -347,7 +384,10 @@ async fn unsealed_bytes_are_refused_and_nothing_is_stored(f: &Fixture) {
     empty_non_final[108..112].copy_from_slice(&16u32.to_be_bytes());
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty", Vec::new()),
-        ("plaintext", b"this is a plaintext prompt that must never be stored".repeat(10)),
+        (
+            "plaintext",
+            b"this is a plaintext prompt that must never be stored".repeat(10),
+        ),
         ("bad magic", {
             let mut b = blob.clone();
             b[0] = b'X';
@@ -382,13 +422,19 @@ async fn unsealed_bytes_are_refused_and_nothing_is_stored(f: &Fixture) {
             .put_stream(futures::stream::iter(pieces))
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::NotSealed { .. }), "{what} (stream): {err:?}");
+        assert!(
+            matches!(err, Error::NotSealed { .. }),
+            "{what} (stream): {err:?}"
+        );
     }
     // A writer refuses as soon as the preamble is in, and is closed afterwards.
     let mut writer = f.store.writer();
     let err = writer.write(&[0u8; 200]).await.unwrap_err();
     assert!(matches!(err, Error::NotSealed { .. }), "{err:?}");
-    assert!(matches!(writer.write(&blob).await, Err(Error::WriterFailed)));
+    assert!(matches!(
+        writer.write(&blob).await,
+        Err(Error::WriterFailed)
+    ));
     assert!(matches!(writer.finish().await, Err(Error::WriterFailed)));
     assert_nothing_stored(f).await;
 }
@@ -397,8 +443,15 @@ async fn missing_blobs_are_not_found(f: &Fixture) {
     let urn = f.config.store_id().urn("no/such/blob.veil").unwrap();
     let is_not_found = |e: Error| matches!(e, Error::NotFound { urn: ref u } if *u == urn);
     assert!(is_not_found(f.store.get(&urn, &[0; 32]).await.unwrap_err()));
-    assert!(is_not_found(f.store.get_stream(&urn, &[0; 32]).await.unwrap_err()));
-    assert!(is_not_found(f.store.open_stream(&urn, &[0; 32], &key()).await.unwrap_err()));
+    assert!(is_not_found(
+        f.store.get_stream(&urn, &[0; 32]).await.unwrap_err()
+    ));
+    assert!(is_not_found(
+        f.store
+            .open_stream(&urn, &[0; 32], &key())
+            .await
+            .unwrap_err()
+    ));
     assert!(is_not_found(f.store.head(&urn).await.unwrap_err()));
     assert_eq!(
         f.store.head(&urn).await.unwrap_err().kind_code(),
@@ -425,7 +478,10 @@ async fn delete_is_idempotent(f: &Fixture) {
         f.store.get(&r.urn, &r.sha256).await,
         Err(Error::NotFound { .. })
     ));
-    assert!(matches!(f.store.head(&r.urn).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        f.store.head(&r.urn).await,
+        Err(Error::NotFound { .. })
+    ));
     f.store.delete(&r.urn).await.unwrap();
     let never = f.config.store_id().urn("never/existed.veil").unwrap();
     f.store.delete(&never).await.unwrap();
@@ -444,7 +500,13 @@ async fn streaming_put_and_get_of_a_multi_mib_blob(f: &Fixture) {
     assert!(errors.is_empty(), "{errors:?}");
     assert!(data == whole, "streamed bytes differ");
 
-    let (opened, errors) = drain_opened(f.store.open_stream(&r.urn, &r.sha256, &key()).await.unwrap()).await;
+    let (opened, errors) = drain_opened(
+        f.store
+            .open_stream(&r.urn, &r.sha256, &key())
+            .await
+            .unwrap(),
+    )
+    .await;
     assert!(errors.is_empty(), "{errors:?}");
     assert!(opened == pt, "plaintext differs");
 
@@ -455,7 +517,11 @@ async fn streaming_put_and_get_of_a_multi_mib_blob(f: &Fixture) {
         .chunks(1 << 20)
         .map(|c| Ok(Bytes::copy_from_slice(c)))
         .collect();
-    let r2 = f.store.put_stream(futures::stream::iter(pieces)).await.unwrap();
+    let r2 = f
+        .store
+        .put_stream(futures::stream::iter(pieces))
+        .await
+        .unwrap();
     assert_ne!(r2.urn, r.urn);
     assert_eq!((r2.sha256, r2.size), (r.sha256, r.size));
 
@@ -472,7 +538,10 @@ async fn small_streamed_blobs_and_tiny_pieces(f: &Fixture) {
     for byte in &blob {
         writer.write(std::slice::from_ref(byte)).await.unwrap();
     }
-    let expected_urn = writer.urn().cloned().expect("URN known once the header is in");
+    let expected_urn = writer
+        .urn()
+        .cloned()
+        .expect("URN known once the header is in");
     assert_eq!(writer.size(), blob.len() as u64);
     let r = writer.finish().await.unwrap();
     assert_eq!(r.urn, expected_urn);
@@ -496,10 +565,22 @@ async fn streaming_get_of_a_tampered_object_ends_in_an_error(f: &Fixture) {
     overwrite_raw(f, &r.urn, tampered).await;
     let (data, errors) = drain(f.store.get_stream(&r.urn, &r.sha256).await.unwrap()).await;
     assert_eq!(data.len(), whole.len(), "all bytes flowed (unverified)");
-    assert!(matches!(errors.as_slice(), [Error::HashMismatch { .. }]), "{errors:?}");
+    assert!(
+        matches!(errors.as_slice(), [Error::HashMismatch { .. }]),
+        "{errors:?}"
+    );
     // The opened stream stops at the tampered chunk: AEAD fails before the hash is known.
-    let (opened, errors) = drain_opened(f.store.open_stream(&r.urn, &r.sha256, &key()).await.unwrap()).await;
-    assert!(matches!(errors.as_slice(), [Error::Open { .. }]), "{errors:?}");
+    let (opened, errors) = drain_opened(
+        f.store
+            .open_stream(&r.urn, &r.sha256, &key())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(errors.as_slice(), [Error::Open { .. }]),
+        "{errors:?}"
+    );
     assert!(opened.len() < mid, "only chunks before the tampered one");
     assert!(pt.starts_with(&opened), "released plaintext is genuine");
 
@@ -507,16 +588,34 @@ async fn streaming_get_of_a_tampered_object_ends_in_an_error(f: &Fixture) {
     // hash does not match, so the final chunk is withheld and the stream ends in an error.
     let (_, other, _) = stream_put(&f.store, PART + 300_000).await;
     overwrite_raw(f, &r.urn, other).await;
-    let (opened, errors) = drain_opened(f.store.open_stream(&r.urn, &r.sha256, &key()).await.unwrap()).await;
-    assert!(matches!(errors.as_slice(), [Error::HashMismatch { .. }]), "{errors:?}");
+    let (opened, errors) = drain_opened(
+        f.store
+            .open_stream(&r.urn, &r.sha256, &key())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(errors.as_slice(), [Error::HashMismatch { .. }]),
+        "{errors:?}"
+    );
     assert!(opened.len() < pt.len(), "the final chunk is withheld");
 
     // A wrong key is an opening error, with nothing released.
     overwrite_raw(f, &r.urn, whole).await;
     let wrong_key = SecretKey::from_bytes([0x43; 32]);
-    let (opened, errors) = drain_opened(f.store.open_stream(&r.urn, &r.sha256, &wrong_key).await.unwrap()).await;
+    let (opened, errors) = drain_opened(
+        f.store
+            .open_stream(&r.urn, &r.sha256, &wrong_key)
+            .await
+            .unwrap(),
+    )
+    .await;
     assert!(opened.is_empty());
-    assert!(matches!(errors.as_slice(), [Error::Open { .. }]), "{errors:?}");
+    assert!(
+        matches!(errors.as_slice(), [Error::Open { .. }]),
+        "{errors:?}"
+    );
 }
 
 async fn failed_and_abandoned_uploads_leave_nothing(f: &Fixture) {
@@ -527,7 +626,11 @@ async fn failed_and_abandoned_uploads_leave_nothing(f: &Fixture) {
         .map(|c| Ok(Bytes::copy_from_slice(c)))
         .collect();
     pieces.push(Err(std::io::Error::other("disk on fire")));
-    let err = f.store.put_stream(futures::stream::iter(pieces)).await.unwrap_err();
+    let err = f
+        .store
+        .put_stream(futures::stream::iter(pieces))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Source { .. }), "{err:?}");
     assert_eq!(err.kind_code(), "source_failed");
 
@@ -541,7 +644,9 @@ async fn failed_and_abandoned_uploads_leave_nothing(f: &Fixture) {
     writer.write(&blob[..PART + 10]).await.unwrap();
     drop(writer);
     let mut waited = Duration::ZERO;
-    while (object_count(f).await > 0 || !files_on_disk(f).is_empty()) && waited < Duration::from_secs(10) {
+    while (object_count(f).await > 0 || !files_on_disk(f).is_empty())
+        && waited < Duration::from_secs(10)
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
         waited += Duration::from_millis(50);
     }
@@ -554,7 +659,9 @@ async fn whole_reads_are_bounded(f: &Fixture) {
     let limited = f.config.clone().with_max_get_size(4096);
     let store = BlobStore::with_object_store(&limited, f.store.object_store().clone()).unwrap();
     match store.get(&r.urn, &r.sha256).await {
-        Err(Error::TooLarge { size, limit, .. }) => assert_eq!((size, limit), (blob.len() as u64, 4096)),
+        Err(Error::TooLarge { size, limit, .. }) => {
+            assert_eq!((size, limit), (blob.len() as u64, 4096))
+        }
         other => panic!("expected TooLarge, got {other:?}"),
     }
     // Streaming is not limited.

@@ -52,6 +52,7 @@ fn envelope(c: &mut Criterion) {
             b.iter(|| raw.decrypt(&nonce, black_box(raw_ct.as_slice())).unwrap())
         });
         let blob = seal(&key, &p, &data).unwrap();
+        // Includes wiping the returned plaintext when it is dropped.
         g.bench_function(BenchmarkId::new("envelope_open", name), |b| {
             b.iter(|| open(&key, black_box(&blob)).unwrap())
         });

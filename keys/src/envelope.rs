@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::{Error, Result, SecretKey, kdf::lp, secret::random_bytes};
+use crate::{Error, Plaintext, Result, SecretKey, kdf::lp, secret::random_bytes};
 
 /// Length of the envelope header in bytes.
 pub const HEADER_LEN: usize = 108;
@@ -406,7 +406,7 @@ pub struct Opened {
     /// The blob's header.
     pub header: Header,
     /// The plaintext, zeroized on drop.
-    pub plaintext: Zeroizing<Vec<u8>>,
+    pub plaintext: Plaintext,
 }
 
 impl fmt::Debug for Opened {
@@ -422,13 +422,19 @@ impl fmt::Debug for Opened {
 /// `len % C` bytes (empty when the length is a multiple of C), with a fresh
 /// random salt.
 pub fn seal(key: &SecretKey, params: &BlobParams, plaintext: &[u8]) -> Result<Vec<u8>> {
-    let mut sealer = Sealer::new(key, params)?;
-    let c = sealer.header.chunk_size();
+    let sealer = Sealer::new(key, params)?;
+    let c = sealer.chunk_size;
     let n_frames = plaintext.len() / c + 1;
     let mut out =
         Vec::with_capacity(HEADER_LEN + plaintext.len() + n_frames * (FRAME_LEN_LEN + TAG_LEN));
-    sealer.update(plaintext, &mut out)?;
-    sealer.finish(&mut out)?;
+    let mut frames = sealer.frames;
+    out.extend_from_slice(&frames.header);
+    // Straight from the caller's buffer: no intermediate plaintext copy.
+    let full = plaintext.len() - plaintext.len() % c;
+    for chunk in plaintext[..full].chunks_exact(c) {
+        frames.seal_frame(chunk, false, &mut out)?;
+    }
+    frames.seal_frame(&plaintext[full..], true, &mut out)?;
     Ok(out)
 }
 
@@ -436,7 +442,8 @@ pub fn seal(key: &SecretKey, params: &BlobParams, plaintext: &[u8]) -> Result<Ve
 /// is returned, or an error and no plaintext at all.
 pub fn open(key: &SecretKey, blob: &[u8]) -> Result<Opened> {
     let (header, mut fo) = FrameOpener::new(key, blob)?;
-    let mut plaintext = Zeroizing::new(Vec::with_capacity(blob.len().saturating_sub(HEADER_LEN)));
+    let mut plaintext = Plaintext::with_capacity(blob.len().saturating_sub(HEADER_LEN));
+    let buf = plaintext.vec_mut();
     let mut rest = &blob[HEADER_LEN..];
     loop {
         let Some((word, body)) = rest.split_first_chunk::<FRAME_LEN_LEN>() else {
@@ -447,10 +454,10 @@ pub fn open(key: &SecretKey, blob: &[u8]) -> Result<Opened> {
         if body.len() < len {
             return Err(Error::Truncated);
         }
-        let start = plaintext.len();
-        plaintext.extend_from_slice(&body[..len]);
-        fo.open_in_place(last, &mut plaintext[start..])?;
-        plaintext.truncate(start + len - TAG_LEN);
+        let start = buf.len();
+        buf.extend_from_slice(&body[..len]);
+        fo.open_in_place(last, &mut buf[start..])?;
+        buf.truncate(start + len - TAG_LEN);
         rest = &body[len..];
         if last {
             if !rest.is_empty() {
@@ -472,7 +479,7 @@ pub struct Sealer {
     header: Header,
     header_written: bool,
     chunk_size: usize,
-    pending: Zeroizing<Vec<u8>>,
+    pending: Plaintext,
 }
 
 impl fmt::Debug for Sealer {
@@ -516,7 +523,7 @@ impl Sealer {
             header,
             header_written: false,
             chunk_size,
-            pending: Zeroizing::new(Vec::new()),
+            pending: Plaintext::default(),
         })
     }
 
@@ -543,13 +550,13 @@ impl Sealer {
         let c = self.chunk_size;
         if !self.pending.is_empty() {
             let take = (c - self.pending.len()).min(data.len());
-            self.pending.extend_from_slice(&data[..take]);
+            self.pending.vec_mut().extend_from_slice(&data[..take]);
             data = &data[take..];
             if self.pending.len() == c {
-                let chunk = std::mem::take(&mut *self.pending);
+                let chunk = std::mem::take(self.pending.vec_mut());
                 let res = self.frames.seal_frame(&chunk, false, out);
-                *self.pending = chunk;
-                self.pending.clear();
+                *self.pending.vec_mut() = chunk;
+                self.pending.vec_mut().clear();
                 res?;
             }
         }
@@ -560,11 +567,12 @@ impl Sealer {
             data = rest;
         }
         if !data.is_empty() {
-            let have = self.pending.len();
-            if self.pending.capacity() < c {
-                self.pending.reserve_exact(c - have);
+            let pending = self.pending.vec_mut();
+            if pending.capacity() < c {
+                // Reserved once per stream, so the buffer never reallocates.
+                pending.reserve_exact(c - pending.len());
             }
-            self.pending.extend_from_slice(data);
+            pending.extend_from_slice(data);
         }
         Ok(())
     }
@@ -573,10 +581,10 @@ impl Sealer {
     pub fn flush(&mut self, out: &mut Vec<u8>) -> Result<()> {
         self.write_header(out);
         if !self.pending.is_empty() {
-            let chunk = std::mem::take(&mut *self.pending);
+            let chunk = std::mem::take(self.pending.vec_mut());
             let res = self.frames.seal_frame(&chunk, false, out);
-            *self.pending = chunk;
-            self.pending.clear();
+            *self.pending.vec_mut() = chunk;
+            self.pending.vec_mut().clear();
             res?;
         }
         Ok(())
@@ -585,9 +593,9 @@ impl Sealer {
     /// Writes the last frame, holding whatever is pending (possibly nothing).
     pub fn finish(mut self, out: &mut Vec<u8>) -> Result<()> {
         self.write_header(out);
-        let chunk = std::mem::take(&mut *self.pending);
+        let chunk = std::mem::take(self.pending.vec_mut());
         let res = self.frames.seal_frame(&chunk, true, out);
-        *self.pending = chunk;
+        *self.pending.vec_mut() = chunk;
         res
     }
 
@@ -626,7 +634,7 @@ pub struct Opener {
     header: Option<Header>,
     word: [u8; 4],
     word_have: usize,
-    current: Option<(bool, usize, Zeroizing<Vec<u8>>)>,
+    current: Option<(bool, usize, Plaintext)>,
 }
 
 impl fmt::Debug for Opener {
@@ -664,7 +672,7 @@ impl Opener {
 
     /// Feeds ciphertext; returns the plaintext of every chunk that completed and
     /// authenticated, in order.
-    pub fn push(&mut self, input: &[u8]) -> Result<Vec<Zeroizing<Vec<u8>>>> {
+    pub fn push(&mut self, input: &[u8]) -> Result<Vec<Plaintext>> {
         let mut out = Vec::new();
         match self.drive(input, &mut out) {
             Ok(()) => Ok(out),
@@ -676,7 +684,7 @@ impl Opener {
         }
     }
 
-    fn drive(&mut self, mut input: &[u8], out: &mut Vec<Zeroizing<Vec<u8>>>) -> Result<()> {
+    fn drive(&mut self, mut input: &[u8], out: &mut Vec<Plaintext>) -> Result<()> {
         loop {
             match &mut self.state {
                 OpenerState::Failed => return Err(Error::Poisoned),
@@ -715,23 +723,21 @@ impl Opener {
                             }
                             self.word_have = 0;
                             let (last, len) = fo.check_word(u32::from_be_bytes(self.word))?;
-                            let cur = self.current.insert((
-                                last,
-                                len,
-                                Zeroizing::new(Vec::with_capacity(len)),
-                            ));
+                            let cur =
+                                self.current
+                                    .insert((last, len, Plaintext::with_capacity(len)));
                             (cur.0, cur.1, &mut cur.2)
                         }
                     };
                     let take = (len - buf.len()).min(input.len());
-                    buf.extend_from_slice(&input[..take]);
+                    buf.vec_mut().extend_from_slice(&input[..take]);
                     input = &input[take..];
                     if buf.len() < len {
                         return Ok(());
                     }
                     let (_, _, mut chunk) = self.current.take().expect("current frame");
                     fo.open_in_place(last, &mut chunk)?;
-                    chunk.truncate(len - TAG_LEN);
+                    chunk.vec_mut().truncate(len - TAG_LEN);
                     out.push(chunk);
                     if last {
                         self.state = OpenerState::Done;

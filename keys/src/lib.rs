@@ -18,7 +18,7 @@ pub use envelope::{
 pub use error::{Error, Result};
 pub use kdf::{KDF_SALT, derive_session_key, derive_task_key};
 pub use keyring::{KEYRING_FORMAT, KeyState, KeyVersionInfo, Keyring};
-pub use secret::{SecretKey, Seed};
+pub use secret::{Plaintext, SecretKey, Seed};
 pub use wrap::{WRAP_CTX_LEN, WRAPPED_LEN, X25519Public, X25519Secret, unwrap_key, wrap_key};
 
 /// Re-exported so callers name ids and zeroizing buffers with the same types.

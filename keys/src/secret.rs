@@ -91,6 +91,107 @@ secret32!(
     "seed"
 );
 
+/// Overwrites `buf` with zeros in a way the optimizer cannot remove.
+///
+/// `zeroize` writes byte by byte through volatile stores, which costs several
+/// microseconds per 64 KiB chunk and would dominate opening a blob. Here the
+/// buffer is cleared with an ordinary (vectorized) fill and then handed to an
+/// optimization barrier that the compiler must assume reads it, so the stores
+/// are observable and cannot be elided — the technique of BoringSSL's
+/// `OPENSSL_cleanse`. Keys and other small secrets still use `zeroize`.
+pub(crate) fn wipe(buf: &mut [u8]) {
+    buf.fill(0);
+    std::hint::black_box(&mut *buf);
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Plaintext bytes (an opened prompt, result or chunk of one) that are wiped
+/// when dropped, spare capacity included. Derefs to `[u8]`; its `Debug` shows
+/// only the length.
+#[derive(Default)]
+pub struct Plaintext(Vec<u8>);
+
+impl Plaintext {
+    /// An empty buffer that can hold `capacity` bytes without reallocating
+    /// (a reallocation would leave an unwiped copy behind).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self(Vec::with_capacity(capacity))
+    }
+
+    /// Appends bytes. Grows the buffer only within its capacity without copies;
+    /// beyond it, the old allocation is wiped before it is freed.
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        let needed = self.0.len() + data.len();
+        if needed > self.0.capacity() {
+            let mut bigger = Vec::with_capacity(needed.max(self.0.capacity() * 2));
+            bigger.extend_from_slice(&self.0);
+            let mut old = std::mem::replace(&mut self.0, bigger);
+            wipe_vec(&mut old);
+        }
+        self.0.extend_from_slice(data);
+    }
+
+    /// Moves the bytes into a `zeroize::Zeroizing` vector.
+    pub fn into_zeroizing(mut self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(std::mem::take(&mut self.0))
+    }
+
+    pub(crate) fn vec_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+fn wipe_vec(v: &mut Vec<u8>) {
+    wipe(v);
+    // Bytes past `len` (truncated tags, a chunk's unused room) may have held
+    // data too; there are few of them, so the byte-wise wipe is fine.
+    v.spare_capacity_mut().zeroize();
+    v.clear();
+}
+
+impl Drop for Plaintext {
+    fn drop(&mut self) {
+        wipe_vec(&mut self.0);
+    }
+}
+
+impl std::ops::Deref for Plaintext {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Plaintext {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl AsRef<[u8]> for Plaintext {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for Plaintext {
+    fn from(v: Vec<u8>) -> Self {
+        Self(v)
+    }
+}
+
+impl PartialEq<[u8]> for Plaintext {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.0 == other
+    }
+}
+
+impl fmt::Debug for Plaintext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Plaintext({} bytes)", self.0.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +221,24 @@ mod tests {
             SecretKey::from_slice(&[1; 31]),
             Err(Error::BadKeyLength { len: 31, .. })
         ));
+    }
+
+    #[test]
+    fn wipe_clears_every_byte_at_any_alignment() {
+        let mut v = vec![0xffu8; 1000];
+        for start in 0..17 {
+            v.fill(0xff);
+            wipe(&mut v[start..start + 500]);
+            assert!(v[start..start + 500].iter().all(|&b| b == 0));
+            assert!(v[..start].iter().all(|&b| b == 0xff));
+            assert!(v[start + 500..].iter().all(|&b| b == 0xff));
+        }
+        let mut p = Plaintext::with_capacity(4);
+        p.extend_from_slice(b"abcdefgh");
+        p.extend_from_slice(b"ij");
+        assert_eq!(&p[..], b"abcdefghij");
+        assert_eq!(format!("{p:?}"), "Plaintext(10 bytes)");
+        assert_eq!(&p.into_zeroizing()[..], b"abcdefghij");
     }
 
     #[test]

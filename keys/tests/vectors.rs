@@ -108,7 +108,10 @@ fn envelope_vectors_open_whole_and_streamed() {
             assert_eq!(got, chunks, "slicing {step}");
         }
         let c = 1usize << e;
-        if !plaintext.is_empty() && plaintext.len().is_multiple_of(c) && chunks.last().unwrap().is_empty() {
+        if !plaintext.is_empty()
+            && plaintext.len().is_multiple_of(c)
+            && chunks.last().unwrap().is_empty()
+        {
             saw_exact_multiple = true;
         }
     }

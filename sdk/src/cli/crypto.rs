@@ -322,7 +322,7 @@ fn open(args: &OpenArgs, stdin: &mut dyn Read) -> Result<Output, CliError> {
         .map_err(|e| CliError::failed("stdin", format!("cannot read the blob: {e}")))?;
     let opened = veil_keys::open(&key, &blob)
         .map_err(|e| CliError::failed("stdin", format!("blob refused [{}]: {e}", e.code())))?;
-    Ok(opened.plaintext)
+    Ok(opened.plaintext.into_zeroizing())
 }
 
 fn wrap(args: &WrapArgs) -> Result<Output, CliError> {

@@ -1,4 +1,4 @@
-//! Helpers shared by the tests of every Veil crate.
+//! Test utilities shared by every Veil crate.
 //!
 //! Tests that need a real service start a throwaway instance of it (or take its address from the
 //! environment) and never skip: if the service cannot be had, the test fails with a message that
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 ///
 /// The port is found by binding port 0 and releasing it, so another process could take it before
-/// the caller binds it; helpers that spawn servers on it retry on that (rare) race.
+/// the caller binds it; the server spawners here retry on that (rare) race.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind(("127.0.0.1", 0))
         .unwrap_or_else(|e| panic!("cannot bind a TCP socket on 127.0.0.1: {e}"));
@@ -100,7 +100,9 @@ impl S3Server {
     /// own bucket ([`S3Server::new_bucket`]).
     pub fn shared() -> Arc<Self> {
         static SHARED: Mutex<Weak<S3Server>> = Mutex::new(Weak::new());
-        let mut slot = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slot = SHARED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(server) = slot.upgrade() {
             return server;
         }
@@ -114,7 +116,7 @@ impl S3Server {
         &self.endpoint
     }
 
-    /// Whether this server was spawned by this helper (as opposed to taken from the environment).
+    /// Whether this server was spawned here (as opposed to taken from the environment).
     pub fn is_spawned(&self) -> bool {
         self.child.is_some()
     }
@@ -138,8 +140,12 @@ impl S3Server {
 
     /// Creates `bucket` with an unsigned `PUT /bucket`; panics if the server refuses.
     pub fn create_bucket(&self, bucket: &str) {
-        let status = http_request(self.addr, "PUT", &format!("/{bucket}"))
-            .unwrap_or_else(|e| panic!("S3 server at {}: creating bucket {bucket}: {e}", self.endpoint));
+        let status = http_request(self.addr, "PUT", &format!("/{bucket}")).unwrap_or_else(|e| {
+            panic!(
+                "S3 server at {}: creating bucket {bucket}: {e}",
+                self.endpoint
+            )
+        });
         assert!(
             (200..300).contains(&status),
             "S3 server at {} refused to create bucket {bucket}: HTTP {status} \
@@ -168,16 +174,17 @@ impl S3Server {
         let authority = endpoint
             .strip_prefix("http://")
             .unwrap_or_else(|| {
-                panic!("{} must be an http:// URL, got {endpoint:?}", Self::ENDPOINT_ENV)
+                panic!(
+                    "{} must be an http:// URL, got {endpoint:?}",
+                    Self::ENDPOINT_ENV
+                )
             })
             .trim_end_matches('/');
         let addr = authority
             .to_socket_addrs()
             .ok()
             .and_then(|mut addrs| addrs.next())
-            .unwrap_or_else(|| {
-                panic!("{}: cannot resolve {authority:?}", Self::ENDPOINT_ENV)
-            });
+            .unwrap_or_else(|| panic!("{}: cannot resolve {authority:?}", Self::ENDPOINT_ENV));
         if let Err(e) = http_request(addr, "GET", "/") {
             panic!(
                 "{} = {endpoint}: no S3-compatible server answers there: {e}",
@@ -199,7 +206,10 @@ impl S3Server {
             let port = free_port();
             let log_path = std::env::temp_dir().join(format!("{}.log", unique_name("moto")));
             let log = File::create(&log_path).unwrap_or_else(|e| {
-                panic!("cannot create the moto_server log file {}: {e}", log_path.display())
+                panic!(
+                    "cannot create the moto_server log file {}: {e}",
+                    log_path.display()
+                )
             });
             let log_err = log
                 .try_clone()
@@ -245,7 +255,10 @@ impl S3Server {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                return Err(format!("it exited with {status}; log:\n{}", self.log_tail()));
+                return Err(format!(
+                    "it exited with {status}; log:\n{}",
+                    self.log_tail()
+                ));
             }
             if http_request(self.addr, "GET", "/").is_ok() {
                 return Ok(());
@@ -267,7 +280,9 @@ impl S3Server {
         };
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let start = text.len().saturating_sub(4000);
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
         text[start..].to_owned()
     }
 }
@@ -286,7 +301,7 @@ impl Drop for S3Server {
 
 /// Sends one bodyless HTTP/1.1 request and returns the response status.
 ///
-/// Hand-rolled on purpose: the helper needs exactly one unauthenticated request with no body,
+/// Hand-rolled on purpose: this crate needs exactly one unauthenticated request with no body,
 /// and an HTTP client crate would add an async runtime or TLS stack to every crate's tests.
 fn http_request(addr: SocketAddr, method: &str, path: &str) -> io::Result<u16> {
     let timeout = Duration::from_secs(10);
@@ -336,7 +351,8 @@ mod tests {
         for name in [a, b] {
             assert!(name.len() <= 63, "{name}");
             assert!(
-                name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'),
+                name.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'),
                 "{name}"
             );
         }
@@ -354,7 +370,10 @@ mod tests {
         if server.is_spawned() {
             let addr = server.addr;
             drop(server);
-            assert!(http_request(addr, "GET", "/").is_err(), "server stopped on drop");
+            assert!(
+                http_request(addr, "GET", "/").is_err(),
+                "server stopped on drop"
+            );
         }
     }
 
