@@ -4,16 +4,19 @@
 # It installs what the tests need when it is missing and starts it on loopback:
 #   - the S3-compatible test server `moto_server` (PyPI: moto[server])
 #   - the `cryptography` Python package for the independent protocol-vector check
-# then runs every Rust test in the workspace (unit, integration, doc tests) and
-# the independent vector check.
+#   - cargo-fuzz (crates.io) for the fuzz targets
+# then runs every Rust test in the workspace (unit, integration, doc tests), the
+# independent vector check, and a short run of every fuzz target.
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
+# Environment: VEIL_FUZZ_SECONDS  seconds per fuzz target (default 10)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 MOTO_VERSION=5.2.1
+CARGO_FUZZ_VERSION=0.13.2
 CRYPTOGRAPHY_MIN=42
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -69,6 +72,28 @@ fi
 # --- the suite --------------------------------------------------------------
 log "cargo test --workspace"
 cargo test --workspace --locked "$@"
+
+
+# cargo-fuzz instruments the targets with sanitizer-coverage flags that stable
+# rustc accepts only with RUSTC_BOOTSTRAP; the fuzz crate is a workspace of its
+# own (fuzz/), so this never touches the main build.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io"
+  cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+fi
+secs=${VEIL_FUZZ_SECONDS:-10}
+log "fuzz targets, ${secs}s each"
+targets=$(cd fuzz && cargo fuzz list)
+(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build)
+fuzz_log="${TMPDIR:-/tmp}/veil-fuzz.log"
+for t in $targets; do
+  if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" -- -max_total_time="$secs") >"$fuzz_log" 2>&1; then
+    tail -40 "$fuzz_log" >&2
+    echo "error: fuzz target $t failed" >&2
+    exit 1
+  fi
+  echo "$t: $(grep -E '^Done' "$fuzz_log")"
+done
 
 log "independent protocol-vector check (Python, from the spec)"
 "$PYTHON" keys/tests/vectors/check_vectors.py

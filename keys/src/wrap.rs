@@ -21,8 +21,9 @@ const LABEL_WRAP: &[u8] = b"veil/v1/wrap";
 /// Length of the wrap context `scope || BE32(version) || session_id || task_id`.
 pub const WRAP_CTX_LEN: usize = 37;
 
-/// An X25519 secret key (a recipient's identity). Zeroized on drop, never printed.
-pub struct X25519Secret(StaticSecret);
+/// An X25519 secret key (a recipient's identity) and its public key, computed
+/// once. The secret is zeroized on drop and never printed.
+pub struct X25519Secret(StaticSecret, X25519Public);
 
 impl X25519Secret {
     /// A fresh key pair's secret, from the operating system's CSPRNG.
@@ -32,7 +33,9 @@ impl X25519Secret {
 
     /// Wraps 32 secret bytes (clamped by X25519 when used).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(StaticSecret::from(bytes))
+        let secret = StaticSecret::from(bytes);
+        let public = X25519Public(PublicKey::from(&secret).to_bytes());
+        Self(secret, public)
     }
 
     /// Parses 64 hex characters.
@@ -42,7 +45,7 @@ impl X25519Secret {
 
     /// The matching public key.
     pub fn public(&self) -> X25519Public {
-        X25519Public(PublicKey::from(&self.0).to_bytes())
+        self.1
     }
 
     /// The secret bytes, in a buffer zeroized on drop.
@@ -165,8 +168,7 @@ pub fn unwrap_key(secret: &X25519Secret, wrapped: &[u8], id: &KeyId) -> Result<S
         return Err(Error::NonContributory);
     }
     let ctx = context(id);
-    let r_pub = PublicKey::from(&secret.0).to_bytes();
-    let cipher = wrap_cipher(&e_pub, &r_pub, ss.as_bytes(), &ctx);
+    let cipher = wrap_cipher(&e_pub, secret.1.as_bytes(), ss.as_bytes(), &ctx);
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&wrapped[32..64]);
     let tag = Tag::<Aes256Gcm>::try_from(&wrapped[64..]).expect("16-byte tag");
