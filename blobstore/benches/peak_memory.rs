@@ -19,6 +19,9 @@ use veil_blobstore::{BlobStore, Urn};
 use veil_keys::{BlobParams, KeyId, Purpose, Sealer, SecretKey, Uuid};
 use veil_testkit::S3Server;
 
+mod common;
+use common::{env_list, parse_size};
+
 const KEY: [u8; 32] = [9; 32];
 const PIECE: usize = 1 << 20;
 
@@ -36,27 +39,6 @@ fn main() {
         return;
     }
     orchestrate();
-}
-
-fn env_list(var: &str, default: &str) -> Vec<String> {
-    std::env::var(var)
-        .unwrap_or_else(|_| default.to_owned())
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-fn parse_size(s: &str) -> u64 {
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits.parse().unwrap_or_else(|_| panic!("bad size {s:?}"));
-    n * match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        _ => panic!("bad size unit in {s:?}"),
-    }
 }
 
 /// Peak resident set size of this process so far, in KiB (Linux `/proc/self/status` VmHWM).

@@ -17,26 +17,8 @@ use veil_blobstore::{BlobStore, S3Config, S3Credentials, StoreConfig};
 use veil_keys::{BlobParams, KeyId, Purpose, SecretKey, Uuid};
 use veil_testkit::S3Server;
 
-fn list_env(var: &str, default: &str) -> Vec<String> {
-    std::env::var(var)
-        .unwrap_or_else(|_| default.to_owned())
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-fn parse_size(s: &str) -> usize {
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: usize = digits.parse().unwrap_or_else(|_| panic!("bad size {s:?}"));
-    n * match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        _ => panic!("bad size unit in {s:?}"),
-    }
-}
+mod common;
+use common::{env_list, parse_size};
 
 struct Backend {
     name: &'static str,
@@ -47,7 +29,7 @@ struct Backend {
 
 fn backends() -> Vec<Backend> {
     let mut out = Vec::new();
-    for name in list_env("VEIL_BENCH_BACKENDS", "mem,fs,s3") {
+    for name in env_list("VEIL_BENCH_BACKENDS", "mem,fs,s3") {
         out.push(match name.as_str() {
             "mem" => Backend {
                 name: "mem",
@@ -108,7 +90,7 @@ fn throughput(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let sizes = list_env("VEIL_BENCH_SIZES", "64KiB,1MiB,16MiB");
+    let sizes = env_list("VEIL_BENCH_SIZES", "64KiB,1MiB,16MiB");
     for backend in backends() {
         let store = &backend.store;
         let mut group = c.benchmark_group(format!("blobstore/{}", backend.name));
@@ -122,7 +104,7 @@ fn throughput(c: &mut Criterion) {
                 .measurement_time(Duration::from_secs(5));
         }
         for label in &sizes {
-            let blob = sealed_blob(parse_size(label));
+            let blob = sealed_blob(parse_size(label) as usize);
             group.throughput(Throughput::Bytes(blob.len() as u64));
 
             // Each iteration writes a new blob (names are never reused); the delete that keeps

@@ -285,19 +285,23 @@ impl BlobStore {
         writer.finish().await
     }
 
+    /// Starts reading the object behind `urn` (which must belong to this store).
+    async fn fetch(&self, urn: &Urn) -> Result<object_store::GetResult> {
+        let path = self.path_of(urn)?;
+        self.inner
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| Error::backend("get", urn, e))
+    }
+
     /// Reads a whole blob and checks it against `expected_sha256`.
     ///
     /// Errors: [`Error::ForeignUrn`] if the URN names another store, [`Error::NotFound`],
     /// [`Error::TooLarge`] above [`max_get_size`](Self::max_get_size), [`Error::HashMismatch`]
     /// (and no bytes) if the stored bytes are not the expected ones.
     pub async fn get(&self, urn: &Urn, expected_sha256: &[u8; 32]) -> Result<Bytes> {
-        let path = self.path_of(urn)?;
-        let result = self
-            .inner
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| Error::backend("get", urn, e))?;
+        let result = self.fetch(urn).await?;
         let size = result.meta.size;
         if size > self.inner.max_get_size {
             return Err(Error::TooLarge {
@@ -329,13 +333,7 @@ impl BlobStore {
     /// Errors before any byte flows ([`Error::ForeignUrn`], [`Error::NotFound`], …) are
     /// returned directly.
     pub async fn get_stream(&self, urn: &Urn, expected_sha256: &[u8; 32]) -> Result<BlobStream> {
-        let path = self.path_of(urn)?;
-        let result = self
-            .inner
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| Error::backend("get", urn, e))?;
+        let result = self.fetch(urn).await?;
         Ok(BlobStream::new(urn.clone(), *expected_sha256, result))
     }
 
