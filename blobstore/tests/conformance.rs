@@ -181,31 +181,19 @@ async fn overwrite_raw(f: &Fixture, urn: &Urn, bytes: Vec<u8>) {
         .unwrap();
 }
 
-async fn drain(stream: veil_blobstore::BlobStream) -> (Vec<u8>, Vec<Error>) {
+/// Collects a stream's bytes and errors, asserting that nothing comes after an error.
+async fn drain<S, T>(mut stream: S) -> (Vec<u8>, Vec<Error>)
+where
+    S: futures::Stream<Item = Result<T, Error>> + Unpin,
+    T: AsRef<[u8]>,
+{
     let mut data = Vec::new();
     let mut errors = Vec::new();
-    let mut stream = stream;
     while let Some(item) = stream.next().await {
         match item {
-            Ok(bytes) => {
+            Ok(piece) => {
                 assert!(errors.is_empty(), "data after an error");
-                data.extend_from_slice(&bytes);
-            }
-            Err(e) => errors.push(e),
-        }
-    }
-    (data, errors)
-}
-
-async fn drain_opened(stream: veil_blobstore::OpenedStream) -> (Vec<u8>, Vec<Error>) {
-    let mut data = Vec::new();
-    let mut errors = Vec::new();
-    let mut stream = stream;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(chunk) => {
-                assert!(errors.is_empty(), "plaintext after an error");
-                data.extend_from_slice(&chunk);
+                data.extend_from_slice(piece.as_ref());
             }
             Err(e) => errors.push(e),
         }
@@ -500,7 +488,7 @@ async fn streaming_put_and_get_of_a_multi_mib_blob(f: &Fixture) {
     assert!(errors.is_empty(), "{errors:?}");
     assert!(data == whole, "streamed bytes differ");
 
-    let (opened, errors) = drain_opened(
+    let (opened, errors) = drain(
         f.store
             .open_stream(&r.urn, &r.sha256, &key())
             .await
@@ -570,7 +558,7 @@ async fn streaming_get_of_a_tampered_object_ends_in_an_error(f: &Fixture) {
         "{errors:?}"
     );
     // The opened stream stops at the tampered chunk: AEAD fails before the hash is known.
-    let (opened, errors) = drain_opened(
+    let (opened, errors) = drain(
         f.store
             .open_stream(&r.urn, &r.sha256, &key())
             .await
@@ -588,7 +576,7 @@ async fn streaming_get_of_a_tampered_object_ends_in_an_error(f: &Fixture) {
     // hash does not match, so the final chunk is withheld and the stream ends in an error.
     let (_, other, _) = stream_put(&f.store, PART + 300_000).await;
     overwrite_raw(f, &r.urn, other).await;
-    let (opened, errors) = drain_opened(
+    let (opened, errors) = drain(
         f.store
             .open_stream(&r.urn, &r.sha256, &key())
             .await
@@ -604,7 +592,7 @@ async fn streaming_get_of_a_tampered_object_ends_in_an_error(f: &Fixture) {
     // A wrong key is an opening error, with nothing released.
     overwrite_raw(f, &r.urn, whole).await;
     let wrong_key = SecretKey::from_bytes([0x43; 32]);
-    let (opened, errors) = drain_opened(
+    let (opened, errors) = drain(
         f.store
             .open_stream(&r.urn, &r.sha256, &wrong_key)
             .await
