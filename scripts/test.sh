@@ -3,7 +3,11 @@
 #
 # It installs what the tests need when it is missing and starts it on loopback:
 #   - the S3-compatible test server `moto_server` (PyPI: moto[server])
-#   - the `cryptography` Python package for the independent protocol-vector check
+#   - a throwaway PostgreSQL server (Debian's postgresql package) for the store and replica tests
+#   - anvil (npm: @foundry-rs/anvil) and solc (npm: solc) for the contract tests, pinned in
+#     contracts/package-lock.json; the committed contract artifact is checked against a recompile
+#   - the `cryptography` and `openai` Python packages (independent vector check; the official
+#     OpenAI client against the router)
 #   - cargo-fuzz (crates.io) for the fuzz targets
 # then runs every Rust test in the workspace (unit, integration, doc tests), the
 # independent vector check, and a short run of every fuzz target.
@@ -16,6 +20,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 MOTO_VERSION=5.2.1
+OPENAI_VERSION=2.8.1
 CARGO_FUZZ_VERSION=0.13.2
 CRYPTOGRAPHY_MIN=42
 
@@ -38,12 +43,19 @@ if ! command -v moto_server >/dev/null 2>&1 || ! moto_server --help >/dev/null 2
   hash -r
 fi
 MOTO=$(command -v moto_server)
+if ! "$PYTHON" -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+  pip_install "openai==$OPENAI_VERSION"
+fi
 
 # --- services on loopback ---------------------------------------------------
 pids=()
+cleanup_cmds=()
 cleanup() {
   for p in "${pids[@]:-}"; do
     [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  done
+  for c in "${cleanup_cmds[@]:-}"; do
+    [ -n "$c" ] && eval "$c" || true
   done
 }
 trap cleanup EXIT INT TERM
@@ -68,6 +80,14 @@ if [ -z "${VEIL_TEST_S3_ENDPOINT:-}" ]; then
   export VEIL_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
   wait_http "$VEIL_TEST_S3_ENDPOINT" 30
 fi
+
+# shellcheck source=lib/postgres.sh
+source "$root/scripts/lib/postgres.sh"
+setup_postgres
+
+# shellcheck source=lib/evm.sh
+source "$root/scripts/lib/evm.sh"
+setup_evm_tools
 
 # --- the suite --------------------------------------------------------------
 log "cargo test --workspace"

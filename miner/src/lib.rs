@@ -1,1 +1,21 @@
-//! The Veil miner: pulls task references, opens prompts, runs inference, seals results. Arrives with the Miner milestone.
+#![doc = include_str!("../README.md")]
+
+mod client;
+mod engine;
+mod error;
+mod instant;
+mod pipeline;
+pub mod sign;
+mod worker;
+
+pub use client::{DEFAULT_MAX_PROMPT_BYTES, MinerClient, install_crypto_provider};
+pub use engine::{
+    Engine, FINISH_LENGTH, FINISH_STOP, GenerateRequest, Generation, TokenReceiver, TokenSink,
+    token_channel,
+};
+pub use error::{Error, Result};
+pub use instant::InstantEngine;
+pub use worker::{PROTOCOL_VERSION, RunSummary, TaskOutcome, Worker, WorkerBuilder, WorkerHandle};
+
+/// Re-exported so callers name wire types with the same crate version.
+pub use veil_api;

@@ -1,1 +1,14 @@
-//! The Veil router: sessions, key service, task queue, APIs. Arrives with the Router milestone.
+#![doc = include_str!("../README.md")]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod server;
+pub mod state;
+pub mod store;
+
+pub use api::{app, openapi};
+pub use config::Config;
+pub use state::AppState;

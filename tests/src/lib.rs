@@ -1,4 +1,5 @@
 //! Cross-crate end-to-end tests of Veil live in `tests/`; this library holds
 //! what they share, starting with the protocol v1 test-vector generator.
 
+pub mod harness;
 pub mod vectors;

@@ -18,6 +18,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, Subcommand};
 use zeroize::Zeroizing;
 
+mod acl;
 mod crypto;
 mod input;
 mod urn;
@@ -115,6 +116,9 @@ enum Command {
     /// Blob URNs (protocol section 5)
     #[command(subcommand, after_help = EXIT_STATUS_HELP)]
     Urn(urn::UrnCommand),
+    /// The on-chain ACL contract: deploy, admins, miners, sessions, allowlists
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Acl(acl::AclArgs),
 }
 
 /// The clap command tree of `veil`, e.g. for generating shell completions or manual pages.
@@ -171,6 +175,7 @@ fn execute(cli: Cli, stdin: &mut dyn Read) -> Result<Output, CliError> {
     match cli.command {
         Command::Crypto(cmd) => crypto::execute(cmd, stdin),
         Command::Urn(cmd) => urn::execute(cmd),
+        Command::Acl(args) => acl::execute(args),
     }
 }
 

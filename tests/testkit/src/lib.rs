@@ -8,9 +8,13 @@
 //! * [`unique_name`]: a lowercase name (bucket, database, …) unique to this run.
 //! * [`S3Server`]: an S3-compatible server on loopback (`moto_server`, or the one named by
 //!   `VEIL_TEST_S3_ENDPOINT`), with bucket creation and clean shutdown on drop.
+//! * [`postgres`]: a fresh PostgreSQL database per test on the server named by
+//!   `VEIL_TEST_DATABASE_URL` (async, with sqlx).
 //!
-//! Everything here is synchronous `std` code with no dependencies, so it can be used from plain,
-//! async and benchmark code alike.
+//! Everything else here is synchronous `std` code, so it can be used from plain, async and
+//! benchmark code alike.
+
+pub mod postgres;
 
 use std::fs::File;
 use std::io::{self, Read, Write};

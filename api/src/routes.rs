@@ -1,0 +1,62 @@
+//! HTTP paths of the router, shared by the server and its clients.
+
+/// Liveness.
+pub const HEALTHZ: &str = "/healthz";
+/// Readiness (database, blob store and keyring reachable).
+pub const READYZ: &str = "/readyz";
+/// Prometheus metrics.
+pub const METRICS: &str = "/metrics";
+/// The OpenAPI document.
+pub const OPENAPI: &str = "/openapi.json";
+
+/// OpenAI-compatible chat completions (and legacy `prompt`).
+pub const V2_COMPLETIONS: &str = "/api/v2/completions";
+/// Alias used by OpenAI clients that append `/chat/completions` to their base URL.
+pub const V2_CHAT_COMPLETIONS: &str = "/api/v2/chat/completions";
+/// Models served by connected miners.
+pub const V2_MODELS: &str = "/api/v2/models";
+/// A task's status and, once done, its answer.
+pub const V2_TASK: &str = "/api/v2/tasks/{task_id}";
+/// Sessions of the caller.
+pub const V2_SESSIONS: &str = "/api/v2/sessions";
+/// One session.
+pub const V2_SESSION: &str = "/api/v2/sessions/{session_id}";
+/// Close a session.
+pub const V2_SESSION_CLOSE: &str = "/api/v2/sessions/{session_id}/close";
+/// A session's privacy settings.
+pub const V2_SESSION_PRIVACY: &str = "/api/v2/sessions/{session_id}/privacy";
+
+/// Admin: API keys.
+pub const ADMIN_API_KEYS: &str = "/api/admin/api-keys";
+/// Admin: revoke an API key.
+pub const ADMIN_API_KEY: &str = "/api/admin/api-keys/{key_id}";
+/// Admin: the audit log.
+pub const ADMIN_AUDIT: &str = "/api/admin/audit";
+/// Admin: verify the audit chain.
+pub const ADMIN_AUDIT_VERIFY: &str = "/api/admin/audit/verify";
+
+/// Miner: the deployment parameters a miner needs before logging in ([`crate::miner::MinerConfig`]).
+pub const MINER_CONFIG: &str = "/api/miner/config";
+/// Miner: log in with a signed `MinerLogin`.
+pub const MINER_LOGIN: &str = "/api/miner/login";
+/// Miner: long-poll for a lease.
+pub const MINER_LEASE: &str = "/api/miner/lease";
+/// Miner: extend a lease.
+pub const MINER_HEARTBEAT: &str = "/api/miner/leases/{lease_id}/heartbeat";
+/// Miner: give a lease back.
+pub const MINER_RELEASE: &str = "/api/miner/leases/{lease_id}/release";
+/// Miner: fail the task for good (e.g. the prompt blob does not authenticate).
+pub const MINER_FAIL: &str = "/api/miner/leases/{lease_id}/fail";
+/// Miner: the task key, wrapped, for a signed `KeyRequest`.
+pub const MINER_KEY: &str = "/api/miner/leases/{lease_id}/key";
+/// Miner: the sealed prompt blob.
+pub const MINER_PROMPT: &str = "/api/miner/leases/{lease_id}/prompt";
+/// Miner: upload the sealed result (streamed as it is produced).
+pub const MINER_RESULT: &str = "/api/miner/leases/{lease_id}/result";
+/// Miner: submit the signed `TaskResult`.
+pub const MINER_COMPLETE: &str = "/api/miner/leases/{lease_id}/complete";
+
+/// Fills `{name}` in a route template.
+pub fn fill(template: &str, name: &str, value: &str) -> String {
+    template.replace(&format!("{{{name}}}"), value)
+}

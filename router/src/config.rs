@@ -1,0 +1,407 @@
+//! Router configuration: command-line flags, each with an environment fallback, and an optional
+//! TOML file (`--config`, `VEIL_CONFIG`). Precedence: flag > environment > file > default.
+//! Every setting works unset: the embedded default is one process with SQLite, local blobs and
+//! a keyring it creates, all under the data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// `veil-router` command line.
+#[derive(Debug, Clone, Parser, Default)]
+#[command(
+    name = "veil-router",
+    version,
+    about = "Veil router: private LLM inference over sealed blobs"
+)]
+pub struct Cli {
+    /// TOML configuration file; any key may also be given as a flag or environment variable.
+    #[arg(long, env = "VEIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
+    /// Subcommand (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Operator subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Run the router (the default).
+    Serve,
+    /// Re-check the hash chain of the audit log and report the number of entries.
+    AuditVerify,
+    /// Create an API key and print its secret once.
+    CreateApiKey {
+        /// Owner label.
+        #[arg(long)]
+        owner: String,
+        /// Give it admin rights.
+        #[arg(long)]
+        admin: bool,
+        /// Requests per minute (0 = unlimited).
+        #[arg(long, default_value_t = 600)]
+        rate_per_minute: u32,
+        /// Concurrent requests (0 = unlimited).
+        #[arg(long, default_value_t = 64)]
+        max_concurrent: u32,
+    },
+    /// Print the effective configuration (no secrets exist in it) and exit.
+    PrintConfig,
+    /// Print the OpenAPI document (the copy in docs/openapi.json is made with this).
+    Openapi,
+}
+
+/// Settings that can come from flags, the environment or the TOML file.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Settings {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "VEIL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the embedded database, blobs and keyring [default: ./veil-data].
+    #[arg(long, env = "VEIL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL: `sqlite://PATH` or `postgres://…` [default: sqlite in the data dir].
+    #[arg(long, env = "VEIL_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Blob store: a local directory, `file://`, `s3://bucket`, `gs://bucket`, `az://container`,
+    /// `mem://` [default: `blobs/` in the data dir].
+    #[arg(long, env = "VEIL_BLOB_STORE")]
+    pub blob_store: Option<String>,
+    /// Keyring file (mode 0600, created on first start) [default: `keyring.json` in the data dir].
+    /// `VEIL_KEYRING` (the keyring document or a bare hex seed) takes precedence when set.
+    #[arg(long, env = "VEIL_KEYRING_PATH")]
+    pub keyring_path: Option<PathBuf>,
+    /// TLS certificate chain (PEM), to serve HTTPS without a proxy in front.
+    #[arg(long, env = "VEIL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "VEIL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Log format: `pretty` or `json` [default: pretty].
+    #[arg(long, env = "VEIL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Chain id of the EIP-712 domain [default: 31337].
+    #[arg(long, env = "VEIL_CHAIN_ID")]
+    pub chain_id: Option<u64>,
+    /// ACL contract address of the EIP-712 domain [default: zero address, router-managed ACL].
+    #[arg(long, env = "VEIL_ACL_CONTRACT")]
+    pub acl_contract: Option<String>,
+    /// Largest request body in bytes [default: 4 MiB]. Blob uploads have their own limit.
+    #[arg(long, env = "VEIL_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Largest sealed blob accepted in an upload, in bytes [default: 64 MiB].
+    #[arg(long, env = "VEIL_MAX_BLOB_BYTES")]
+    pub max_blob_bytes: Option<u64>,
+    /// Timeout for ordinary requests, in ms [default: 30000]. Completions use `completion_timeout_ms`.
+    #[arg(long, env = "VEIL_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// How long `/api/v2/completions` waits for a result before answering 504 with the task id,
+    /// in ms [default: 120000].
+    #[arg(long, env = "VEIL_COMPLETION_TIMEOUT_MS")]
+    pub completion_timeout_ms: Option<u64>,
+    /// Lease length per grant or heartbeat, in ms [default: 30000].
+    #[arg(long, env = "VEIL_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
+    /// Attempts before a task is dead [default: 3].
+    #[arg(long, env = "VEIL_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// Task deadline after submission, in ms [default: 600000].
+    #[arg(long, env = "VEIL_TASK_DEADLINE_MS")]
+    pub task_deadline_ms: Option<u64>,
+    /// Miner token lifetime, in seconds (at most 3600) [default: 3600].
+    #[arg(long, env = "VEIL_MINER_TOKEN_TTL_SECS")]
+    pub miner_token_ttl_secs: Option<u64>,
+    /// Static allowlist: miners allowed for new private sessions of any owner, comma-separated
+    /// checksummed or lowercase addresses. Sessions created with it have source `static`.
+    #[arg(long, env = "VEIL_STATIC_ALLOWED_MINERS", value_delimiter = ',')]
+    pub static_allowed_miners: Option<Vec<String>>,
+    /// Pinned model hashes: `name=sha256hex`, comma-separated; miners serving a pinned model with
+    /// another hash get no leases for it.
+    #[arg(long, env = "VEIL_PINNED_MODELS", value_delimiter = ',')]
+    pub pinned_models: Option<Vec<String>>,
+    /// Graceful shutdown: how long to let in-flight requests finish, in ms [default: 10000].
+    #[arg(long, env = "VEIL_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Fully resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Database URL.
+    pub database_url: String,
+    /// Blob store URL or path.
+    pub blob_store: String,
+    /// Keyring file.
+    pub keyring_path: PathBuf,
+    /// TLS (cert, key).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// EIP-712 domain.
+    pub domain: veil_api::Domain,
+    /// Body limit.
+    pub max_body_bytes: usize,
+    /// Blob upload limit.
+    pub max_blob_bytes: u64,
+    /// Request timeout.
+    pub request_timeout_ms: u64,
+    /// Completion wait.
+    pub completion_timeout_ms: u64,
+    /// Lease TTL.
+    pub lease_ttl_ms: u64,
+    /// Attempts.
+    pub max_attempts: u32,
+    /// Task deadline.
+    pub task_deadline_ms: u64,
+    /// Miner token TTL.
+    pub miner_token_ttl_secs: u64,
+    /// Static allowlist (checksummed).
+    pub static_allowed_miners: Vec<String>,
+    /// Pinned model hashes.
+    pub pinned_models: Vec<(String, String)>,
+    /// Shutdown grace.
+    pub shutdown_grace_ms: u64,
+}
+
+/// A configuration error, naming the setting at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {setting}: {message}")]
+pub struct ConfigError {
+    /// The setting, e.g. `listen` or `--config`.
+    pub setting: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(setting: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting: setting.into(),
+        message: message.into(),
+    }
+}
+
+impl Settings {
+    /// Fills unset values from `file`.
+    fn or(self, file: Settings) -> Settings {
+        macro_rules! pick { ($($f:ident),*) => { Settings { $($f: self.$f.or(file.$f)),* } } }
+        pick!(
+            listen,
+            data_dir,
+            database_url,
+            blob_store,
+            keyring_path,
+            tls_cert,
+            tls_key,
+            log_format,
+            chain_id,
+            acl_contract,
+            max_body_bytes,
+            max_blob_bytes,
+            request_timeout_ms,
+            completion_timeout_ms,
+            lease_ttl_ms,
+            max_attempts,
+            task_deadline_ms,
+            miner_token_ttl_secs,
+            static_allowed_miners,
+            pinned_models,
+            shutdown_grace_ms
+        )
+    }
+}
+
+impl Config {
+    /// Resolves flags/environment (already parsed into `cli`) and the optional TOML file.
+    pub fn resolve(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
+                toml::from_str::<Settings>(&text)
+                    .map_err(|e| err("--config", format!("{}: {}", path.display(), e.message())))?
+            }
+            None => Settings::default(),
+        };
+        Self::from_settings(cli.settings.clone().or(file))
+    }
+
+    /// Resolves settings, applying defaults and validating.
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from("veil-data"));
+        let database_url = s
+            .database_url
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("veil.db").display()));
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(err(
+                "database_url",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        let blob_store = s
+            .blob_store
+            .unwrap_or_else(|| data_dir.join("blobs").display().to_string());
+        let keyring_path = s
+            .keyring_path
+            .unwrap_or_else(|| data_dir.join("keyring.json"));
+        let tls = match (s.tls_cert, s.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(err("tls_cert", "tls_cert and tls_key go together")),
+        };
+        let contract = match s.acl_contract.as_deref() {
+            None | Some("") => alloy_primitives::Address::ZERO,
+            Some(a) => veil_api::wire::parse_address(a).map_err(|e| err("acl_contract", e))?,
+        };
+        let miner_token_ttl_secs = s.miner_token_ttl_secs.unwrap_or(3600);
+        if miner_token_ttl_secs == 0 || miner_token_ttl_secs > 3600 {
+            return Err(err(
+                "miner_token_ttl_secs",
+                "must be between 1 and 3600 (protocol §6: one hour at most)",
+            ));
+        }
+        let lease_ttl_ms = s.lease_ttl_ms.unwrap_or(30_000);
+        if lease_ttl_ms < 100 {
+            return Err(err("lease_ttl_ms", "must be at least 100"));
+        }
+        let max_attempts = s.max_attempts.unwrap_or(3);
+        if max_attempts == 0 {
+            return Err(err("max_attempts", "must be at least 1"));
+        }
+        let mut static_allowed_miners = Vec::new();
+        for m in s.static_allowed_miners.unwrap_or_default() {
+            let m = m.trim();
+            if m.is_empty() {
+                continue;
+            }
+            let a = veil_api::wire::parse_address(m)
+                .map_err(|e| err("static_allowed_miners", format!("{m}: {e}")))?;
+            static_allowed_miners.push(a.to_checksum(None));
+        }
+        let mut pinned_models = Vec::new();
+        for p in s.pinned_models.unwrap_or_default() {
+            let (name, hash) = p
+                .split_once('=')
+                .ok_or_else(|| err("pinned_models", format!("{p}: expected name=sha256hex")))?;
+            hash.parse::<veil_api::wire::Hex32>()
+                .map_err(|e| err("pinned_models", format!("{name}: {e}")))?;
+            pinned_models.push((name.to_string(), hash.to_string()));
+        }
+        Ok(Config {
+            listen: s
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir,
+            database_url,
+            blob_store,
+            keyring_path,
+            tls,
+            log_format: s.log_format.unwrap_or_default(),
+            domain: veil_api::Domain {
+                chain_id: s.chain_id.unwrap_or(31337),
+                verifying_contract: contract,
+            },
+            max_body_bytes: s.max_body_bytes.unwrap_or(4 << 20),
+            max_blob_bytes: s.max_blob_bytes.unwrap_or(64 << 20),
+            request_timeout_ms: s.request_timeout_ms.unwrap_or(30_000),
+            completion_timeout_ms: s.completion_timeout_ms.unwrap_or(120_000),
+            lease_ttl_ms,
+            max_attempts,
+            task_deadline_ms: s.task_deadline_ms.unwrap_or(600_000),
+            miner_token_ttl_secs,
+            static_allowed_miners,
+            pinned_models,
+            shutdown_grace_ms: s.shutdown_grace_ms.unwrap_or(10_000),
+        })
+    }
+
+    /// A configuration for tests and embedding: everything under `data_dir`, defaults otherwise.
+    pub fn embedded(data_dir: &Path) -> Config {
+        Self::from_settings(Settings {
+            data_dir: Some(data_dir.to_path_buf()),
+            ..Settings::default()
+        })
+        .expect("defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("router.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nlease_ttl_ms = 5000\nchain_id = 1\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "veil-router",
+            "--config",
+            file.to_str().unwrap(),
+            "--lease-ttl-ms",
+            "7000",
+        ])
+        .unwrap();
+        let c = Config::resolve(&cli).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.lease_ttl_ms, 7000, "flag wins over file");
+        assert_eq!(c.domain.chain_id, 1);
+        assert!(c.database_url.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("router.toml");
+        std::fs::write(&file, "listn = \"x\"\n").unwrap();
+        let cli = Cli::try_parse_from(["veil-router", "--config", file.to_str().unwrap()]).unwrap();
+        let e = Config::resolve(&cli).unwrap_err();
+        assert_eq!(e.setting, "--config");
+        assert!(e.message.contains("listn"), "{e}");
+
+        let e = Config::from_settings(Settings {
+            miner_token_ttl_secs: Some(7200),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "miner_token_ttl_secs");
+        let e = Config::from_settings(Settings {
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "database_url");
+        let e = Config::from_settings(Settings {
+            static_allowed_miners: Some(vec!["0x12".into()]),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "static_allowed_miners");
+    }
+}

@@ -1,0 +1,508 @@
+//! What the SQLite and PostgreSQL stores share: row types (both schemas use the same column
+//! names and compatible types, so one `FromRow` derive serves both), conversions to the model
+//! types, the lease checks and the mapping of database errors.
+
+use uuid::Uuid;
+
+use super::{
+    AllowlistSource, ApiKey, AuditEntry, LeaseRecord, LeasedTask, MinerSession, NewAuditEntry,
+    PrivacySetting, QueueDepth, ReapReport, Result, Session, SessionKind, StoreError, StoreEvent,
+    Task, TaskResultRecord, TaskState,
+};
+
+/// Columns of `tasks` in the order of [`TaskRow`].
+macro_rules! task_columns {
+    () => {
+        "id, session_id, prompt_urn, prompt_hash, prompt_scope, key_version, model, params, \
+         state, attempts, max_attempts, created_at_ms, deadline_ms, submitted_by, lease_id, \
+         leased_by, lease_expires_at_ms, result_urn, result_hash, result_size, result_miner, \
+         result_signature, prompt_tokens, completion_tokens, finish_reason, error_code, \
+         error_message, finished_at_ms"
+    };
+}
+pub(super) use task_columns;
+
+/// Columns of `sessions` in the order of [`SessionRow`].
+macro_rules! session_columns {
+    () => {
+        "id, owner, kind, private, allowlist_source, created_at_ms, expires_at_ms, closed_at_ms"
+    };
+}
+pub(super) use session_columns;
+
+/// Columns of `api_keys` in the order of [`ApiKeyRow`].
+macro_rules! api_key_columns {
+    () => {
+        "id, owner, prefix, admin, rate_per_minute, max_concurrent, default_session, \
+         created_at_ms, revoked_at_ms"
+    };
+}
+pub(super) use api_key_columns;
+
+/// Columns of `audit_log` in the order of [`AuditRow`].
+macro_rules! audit_columns {
+    () => {
+        "seq, at_ms, actor, action, session_id, task_id, miner, key_version, detail, prev_hash, \
+         hash"
+    };
+}
+pub(super) use audit_columns;
+
+/// Code and message of a task cancelled by its session's close.
+pub(super) const SESSION_CLOSED: (&str, &str) = ("session_closed", "the session was closed");
+/// Code and message of a task cancelled by its caller.
+pub(super) const CANCELLED: (&str, &str) = ("cancelled", "cancelled by the caller");
+/// Code and message of a task past its deadline.
+pub(super) const DEADLINE_EXCEEDED: (&str, &str) = (
+    "deadline_exceeded",
+    "the task was not completed before its deadline",
+);
+/// Code and message of a task that ran out of attempts.
+pub(super) const MAX_ATTEMPTS: (&str, &str) = (
+    "max_attempts",
+    "every allowed attempt's lease lapsed without a result",
+);
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct SessionRow {
+    id: Uuid,
+    owner: String,
+    kind: String,
+    private: bool,
+    allowlist_source: String,
+    created_at_ms: i64,
+    expires_at_ms: Option<i64>,
+    closed_at_ms: Option<i64>,
+}
+
+impl SessionRow {
+    pub(super) fn into_session(self, allowed_miners: Vec<String>) -> Result<Session> {
+        Ok(Session {
+            id: self.id,
+            owner: self.owner,
+            kind: SessionKind::parse(&self.kind).ok_or_else(|| corrupt("sessions.kind"))?,
+            privacy: PrivacySetting {
+                private: self.private,
+                allowed_miners,
+                source: AllowlistSource::parse(&self.allowlist_source)
+                    .ok_or_else(|| corrupt("sessions.allowlist_source"))?,
+            },
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            closed_at_ms: self.closed_at_ms,
+        })
+    }
+
+    /// Open at `now_ms`: not closed and not expired.
+    pub(super) fn is_open(&self, now_ms: i64) -> bool {
+        self.closed_at_ms.is_none() && self.expires_at_ms.is_none_or(|e| now_ms < e)
+    }
+
+    pub(super) fn id(&self) -> Uuid {
+        self.id
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed_at_ms.is_some()
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct TaskRow {
+    id: Uuid,
+    session_id: Uuid,
+    prompt_urn: String,
+    prompt_hash: Vec<u8>,
+    prompt_scope: i64,
+    key_version: i64,
+    model: String,
+    params: String,
+    state: String,
+    attempts: i64,
+    max_attempts: i64,
+    created_at_ms: i64,
+    deadline_ms: Option<i64>,
+    submitted_by: String,
+    lease_id: Option<Uuid>,
+    leased_by: Option<String>,
+    lease_expires_at_ms: Option<i64>,
+    result_urn: Option<String>,
+    result_hash: Option<Vec<u8>>,
+    result_size: Option<i64>,
+    result_miner: Option<String>,
+    result_signature: Option<Vec<u8>>,
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
+    finish_reason: Option<String>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    finished_at_ms: Option<i64>,
+}
+
+impl TaskRow {
+    pub(super) fn into_task(self) -> Result<Task> {
+        let result = match self.result_urn {
+            None => None,
+            Some(result_urn) => Some(TaskResultRecord {
+                result_urn,
+                result_hash: hash32(
+                    self.result_hash.as_deref().unwrap_or_default(),
+                    "tasks.result_hash",
+                )?,
+                result_size: u64::try_from(self.result_size.unwrap_or(-1))
+                    .map_err(|_| corrupt("tasks.result_size"))?,
+                miner: self
+                    .result_miner
+                    .ok_or_else(|| corrupt("tasks.result_miner"))?,
+                signature: self.result_signature.unwrap_or_default(),
+                prompt_tokens: to_u32(self.prompt_tokens.unwrap_or(0), "tasks.prompt_tokens")?,
+                completion_tokens: to_u32(
+                    self.completion_tokens.unwrap_or(0),
+                    "tasks.completion_tokens",
+                )?,
+                finish_reason: self.finish_reason.unwrap_or_default(),
+            }),
+        };
+        Ok(Task {
+            id: self.id,
+            session_id: self.session_id,
+            prompt_urn: self.prompt_urn,
+            prompt_hash: hash32(&self.prompt_hash, "tasks.prompt_hash")?,
+            prompt_scope: u8::try_from(self.prompt_scope)
+                .map_err(|_| corrupt("tasks.prompt_scope"))?,
+            key_version: to_u32(self.key_version, "tasks.key_version")?,
+            model: self.model,
+            params: serde_json::from_str(&self.params).map_err(|_| corrupt("tasks.params"))?,
+            state: TaskState::parse(&self.state).ok_or_else(|| corrupt("tasks.state"))?,
+            attempts: to_u32(self.attempts, "tasks.attempts")?,
+            max_attempts: to_u32(self.max_attempts, "tasks.max_attempts")?,
+            created_at_ms: self.created_at_ms,
+            deadline_ms: self.deadline_ms,
+            submitted_by: self.submitted_by,
+            lease_id: self.lease_id,
+            leased_by: self.leased_by,
+            lease_expires_at_ms: self.lease_expires_at_ms,
+            result,
+            error_code: self.error_code,
+            error_message: self.error_message,
+            finished_at_ms: self.finished_at_ms,
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct LeaseRow {
+    pub(super) lease_id: Uuid,
+    pub(super) task_id: Uuid,
+    pub(super) miner: String,
+    pub(super) attempt: i64,
+    pub(super) expires_at_ms: i64,
+}
+
+impl LeaseRow {
+    pub(super) fn record(&self) -> Result<LeaseRecord> {
+        Ok(LeaseRecord {
+            lease_id: self.lease_id,
+            task_id: self.task_id,
+            miner: self.miner.clone(),
+            attempt: to_u32(self.attempt, "leases.attempt")?,
+            expires_at_ms: self.expires_at_ms,
+        })
+    }
+
+    /// `lease_not_held` unless `miner` holds (or held) this lease.
+    pub(super) fn check_holder(&self, miner: &str) -> Result<()> {
+        if self.miner == miner {
+            Ok(())
+        } else {
+            Err(conflict(
+                "lease_not_held",
+                "the lease is held by another miner",
+            ))
+        }
+    }
+
+    /// Checks that `miner` holds this lease, that it is still the task's current lease and that
+    /// it is valid at `now_ms`.
+    pub(super) fn check_active(&self, task: &Task, miner: &str, now_ms: i64) -> Result<()> {
+        self.check_holder(miner)?;
+        if task.lease_id != Some(self.lease_id) {
+            return Err(conflict(
+                "lease_not_held",
+                "the task has been leased again since",
+            ));
+        }
+        let expires = match task.state {
+            TaskState::Leased => task.lease_expires_at_ms.unwrap_or(self.expires_at_ms),
+            _ => self.expires_at_ms,
+        };
+        if expires <= now_ms {
+            return Err(conflict("lease_expired", "the lease has lapsed"));
+        }
+        if task.state != TaskState::Leased {
+            return Err(conflict(
+                "lease_not_held",
+                format!("the task is {}", task.state.as_str()),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn leased_task(&self, task: Task) -> Result<LeasedTask> {
+        Ok(LeasedTask {
+            lease_id: self.lease_id,
+            lease_expires_at_ms: task.lease_expires_at_ms.unwrap_or(self.expires_at_ms),
+            attempt: to_u32(self.attempt, "leases.attempt")?,
+            task,
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct ApiKeyRow {
+    id: Uuid,
+    owner: String,
+    prefix: String,
+    admin: bool,
+    rate_per_minute: i64,
+    max_concurrent: i64,
+    default_session: Option<Uuid>,
+    created_at_ms: i64,
+    revoked_at_ms: Option<i64>,
+}
+
+impl ApiKeyRow {
+    pub(super) fn into_api_key(self) -> Result<ApiKey> {
+        Ok(ApiKey {
+            id: self.id,
+            owner: self.owner,
+            prefix: self.prefix,
+            admin: self.admin,
+            rate_per_minute: to_u32(self.rate_per_minute, "api_keys.rate_per_minute")?,
+            max_concurrent: to_u32(self.max_concurrent, "api_keys.max_concurrent")?,
+            default_session: self.default_session,
+            created_at_ms: self.created_at_ms,
+            revoked_at_ms: self.revoked_at_ms,
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct MinerSessionRow {
+    token_hash: Vec<u8>,
+    miner: String,
+    recipient: Vec<u8>,
+    models: String,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl MinerSessionRow {
+    pub(super) fn into_miner_session(self) -> Result<MinerSession> {
+        Ok(MinerSession {
+            token_hash: hash32(&self.token_hash, "miner_sessions.token_hash")?,
+            miner: self.miner,
+            recipient: hash32(&self.recipient, "miner_sessions.recipient")?,
+            models: parse_models(&self.models)?,
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+        })
+    }
+}
+
+/// A miner session's models as stored (JSON `[[name, sha256 hex or null], …]`).
+pub(super) fn models_json(models: &[(String, Option<String>)]) -> Result<String> {
+    serde_json::to_string(models).map_err(|_| StoreError::Database("encoding models".into()))
+}
+
+pub(super) fn parse_models(json: &str) -> Result<Vec<(String, Option<String>)>> {
+    serde_json::from_str(json).map_err(|_| corrupt("miner_sessions.models"))
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct AuditRow {
+    seq: i64,
+    at_ms: i64,
+    actor: String,
+    action: String,
+    session_id: Option<Uuid>,
+    task_id: Option<Uuid>,
+    miner: Option<String>,
+    key_version: Option<i64>,
+    detail: String,
+    prev_hash: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+impl AuditRow {
+    pub(super) fn into_entry(self) -> Result<AuditEntry> {
+        Ok(AuditEntry {
+            seq: self.seq,
+            entry: NewAuditEntry {
+                at_ms: self.at_ms,
+                actor: self.actor,
+                action: self.action,
+                session_id: self.session_id,
+                task_id: self.task_id,
+                miner: self.miner,
+                key_version: self
+                    .key_version
+                    .map(|v| to_u32(v, "audit_log.key_version"))
+                    .transpose()?,
+                detail: serde_json::from_str(&self.detail)
+                    .map_err(|_| corrupt("audit_log.detail"))?,
+            },
+            prev_hash: hash32(&self.prev_hash, "audit_log.prev_hash")?,
+            hash: hash32(&self.hash, "audit_log.hash")?,
+        })
+    }
+}
+
+/// The (seq, hash) of the last audit entry, if any.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct AuditHead {
+    pub(super) seq: i64,
+    pub(super) hash: Vec<u8>,
+}
+
+/// Builds the next audit entry after `head`.
+pub(super) fn next_audit_entry(head: Option<AuditHead>, e: &NewAuditEntry) -> Result<AuditEntry> {
+    let (seq, prev_hash) = match head {
+        None => (1, [0u8; 32]),
+        Some(h) => (h.seq + 1, hash32(&h.hash, "audit_log.hash")?),
+    };
+    Ok(AuditEntry {
+        seq,
+        entry: e.clone(),
+        prev_hash,
+        hash: super::audit_hash(seq, e, &prev_hash),
+    })
+}
+
+/// The audit detail as stored: JSON text, returned verbatim by both backends.
+pub(super) fn detail_json(e: &NewAuditEntry) -> Result<String> {
+    serde_json::to_string(&e.detail).map_err(|_| StoreError::Database("encoding detail".into()))
+}
+
+/// Task parameters as stored.
+pub(super) fn params_json(p: &super::TaskParams) -> Result<String> {
+    serde_json::to_string(p).map_err(|_| StoreError::Database("encoding params".into()))
+}
+
+/// Deduplicated, sorted model names of miner sessions' model lists.
+pub(super) fn served_models(rows: Vec<String>) -> Result<Vec<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    for json in rows {
+        out.extend(parse_models(&json)?.into_iter().map(|(name, _)| name));
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// The report of a reaper pass and the events it publishes, from the ids of tasks failed for
+/// their deadline and `(id, new state, model)` of tasks whose lease lapsed.
+pub(super) fn reap_outcome(
+    deadline_failed: Vec<Uuid>,
+    expired: Vec<(Uuid, String, String)>,
+) -> (ReapReport, Vec<StoreEvent>) {
+    let mut events: Vec<StoreEvent> = deadline_failed
+        .iter()
+        .map(|&task_id| StoreEvent::TaskFinished { task_id })
+        .collect();
+    let mut report = ReapReport {
+        deadline_failed,
+        ..ReapReport::default()
+    };
+    for (task_id, state, model) in expired {
+        if state == TaskState::Dead.as_str() {
+            report.dead.push(task_id);
+            events.push(StoreEvent::TaskFinished { task_id });
+        } else {
+            report.requeued.push(task_id);
+            events.push(StoreEvent::TaskAvailable { model });
+        }
+    }
+    (report, events)
+}
+
+/// Queue depth from `(state, count)` rows.
+pub(super) fn queue_depth(rows: Vec<(String, i64)>) -> QueueDepth {
+    let mut depth = QueueDepth::default();
+    for (state, n) in rows {
+        let n = n.max(0) as u64;
+        match TaskState::parse(&state) {
+            Some(TaskState::Queued) => depth.queued = n,
+            Some(TaskState::Leased) => depth.leased = n,
+            _ => {}
+        }
+    }
+    depth
+}
+
+pub(super) fn conflict(code: &'static str, message: impl Into<String>) -> StoreError {
+    StoreError::Conflict {
+        code,
+        message: message.into(),
+    }
+}
+
+pub(super) fn session_closed() -> StoreError {
+    conflict("session_closed", "the session is closed or expired")
+}
+
+pub(super) fn task_final(state: TaskState) -> StoreError {
+    conflict("task_final", format!("the task is {}", state.as_str()))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Database(format!("stored value out of range: {what}"))
+}
+
+fn hash32(bytes: &[u8], what: &str) -> Result<[u8; 32]> {
+    bytes.try_into().map_err(|_| corrupt(what))
+}
+
+fn to_u32(v: i64, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| corrupt(what))
+}
+
+/// A `u64` as a database integer.
+pub(super) fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Database(format!("value out of range: {what}")))
+}
+
+/// Maps a database error. The message names the failure, never bound values: SQLSTATE or
+/// SQLite code and the constraint, if any. The driver's text goes to the log at debug level.
+pub(super) fn db_err(e: sqlx::Error) -> StoreError {
+    tracing::debug!(error = %e, "database error");
+    match &e {
+        sqlx::Error::Database(d) => {
+            let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+            match d.constraint() {
+                Some(c) => StoreError::Database(format!("database error {code} ({c})")),
+                None => StoreError::Database(format!("database error {code}")),
+            }
+        }
+        sqlx::Error::PoolTimedOut => {
+            StoreError::Database("timed out waiting for a connection".into())
+        }
+        sqlx::Error::PoolClosed => StoreError::Database("the connection pool is closed".into()),
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => {
+            StoreError::Database("the database is unreachable".into())
+        }
+        sqlx::Error::RowNotFound => StoreError::Database("row not found".into()),
+        _ => StoreError::Database("database driver error".into()),
+    }
+}
+
+/// Maps an insert's error: a unique violation means `what` exists already.
+pub(super) fn insert_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::AlreadyExists { what },
+        _ => db_err(e),
+    }
+}
+
+/// `NotFound { what }` for a missing row.
+pub(super) fn found<T>(row: Option<T>, what: &'static str) -> Result<T> {
+    row.ok_or(StoreError::NotFound { what })
+}

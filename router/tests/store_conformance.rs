@@ -1,0 +1,1494 @@
+//! One conformance suite for every [`Store`] backend.
+//!
+//! Each test is an async function taking the store under test (`Arc<dyn Store>`) and its
+//! [`Backend`] (for a second store on the same database and for raw SQL); the `suite!` macro
+//! instantiates every one of them for SQLite (a temporary file) and PostgreSQL (a fresh database
+//! per test on the server of `VEIL_TEST_DATABASE_URL`; the tests fail when it is unset: run
+//! `scripts/test.sh`). Times are explicit Unix milliseconds, never the wall clock.
+
+use std::collections::HashSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+use uuid::Uuid;
+use veil_router::store::{
+    AllowlistSource, AuditEntry, CompleteOutcome, LeaseQuery, LeasedTask, NewApiKey, NewAuditEntry,
+    NewMinerSession, NewSession, NewTask, PrivacySetting, QueueDepth, Result, Session, SessionKind,
+    Store, StoreError, StoreEvent, Task, TaskParams, TaskResultRecord, TaskState, audit_hash, open,
+    verify_audit_chain,
+};
+use veil_testkit::postgres::TestDatabase;
+
+const T0: i64 = 1_700_000_000_000;
+const TTL: i64 = 30_000;
+const MINER_A: &str = "0x1111111111111111111111111111111111111111";
+const MINER_B: &str = "0x2222222222222222222222222222222222222222";
+const MINER_C: &str = "0x3333333333333333333333333333333333333333";
+const MODEL: &str = "llama-3.1-8b";
+/// Upper bound on one test, so that a lock-up fails instead of hanging the run.
+const TEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+// --- backends -------------------------------------------------------------------------------
+
+/// The database behind a store under test.
+#[derive(Debug)]
+enum Db {
+    Sqlite { _dir: tempfile::TempDir },
+    Postgres(TestDatabase),
+}
+
+/// A store under test and the database it lives in.
+#[derive(Debug)]
+struct Backend {
+    store: Arc<dyn Store>,
+    url: String,
+    db: Db,
+}
+
+impl Backend {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite://{}", dir.path().join("veil.db").display());
+        let store = open_twice(&url).await;
+        Self {
+            store,
+            url,
+            db: Db::Sqlite { _dir: dir },
+        }
+    }
+
+    async fn postgres() -> Self {
+        let db = TestDatabase::create().await;
+        let url = db.url().to_owned();
+        let store = open_twice(&url).await;
+        Self {
+            store,
+            url,
+            db: Db::Postgres(db),
+        }
+    }
+
+    /// A second store on the same database: another replica (PostgreSQL) or another process
+    /// on the same file (SQLite).
+    async fn replica(&self) -> Arc<dyn Store> {
+        open(&self.url).await.expect("open a second store")
+    }
+
+    /// Runs SQL behind the store's back, through a connection of its own.
+    async fn exec(&self, sql: &'static str) -> u64 {
+        match &self.db {
+            Db::Sqlite { .. } => {
+                let pool = sqlx::SqlitePool::connect(&self.url).await.expect("connect");
+                let n = sqlx::query(sql).execute(&pool).await.expect(sql);
+                pool.close().await;
+                n.rows_affected()
+            }
+            Db::Postgres(_) => {
+                let pool = sqlx::PgPool::connect(&self.url).await.expect("connect");
+                let n = sqlx::query(sql).execute(&pool).await.expect(sql);
+                pool.close().await;
+                n.rows_affected()
+            }
+        }
+    }
+
+    fn is_postgres(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
+    }
+
+    async fn finish(self) {
+        drop(self.store);
+        if let Db::Postgres(db) = self.db {
+            db.drop_database().await;
+        }
+    }
+}
+
+/// Opens the database from two stores at once, so that every test starts with two concurrent
+/// migrations of a fresh schema; keeps one.
+async fn open_twice(url: &str) -> Arc<dyn Store> {
+    let (a, b) = tokio::join!(open(url), open(url));
+    let a = a.expect("open store");
+    b.expect("open store concurrently");
+    a.migrate().await.expect("migrating again is a no-op");
+    a
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let b = super::Backend::sqlite().await;
+                    tokio::time::timeout(super::TEST_TIMEOUT, super::$name(b.store.clone(), &b))
+                        .await
+                        .expect("test timed out");
+                    b.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let b = super::Backend::postgres().await;
+                    tokio::time::timeout(super::TEST_TIMEOUT, super::$name(b.store.clone(), &b))
+                        .await
+                        .expect("test timed out");
+                    b.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    migrate_and_ping,
+    sessions_create_get_list,
+    privacy_and_close,
+    api_keys,
+    miner_sessions_and_served_models,
+    nonces,
+    enqueue_and_get,
+    enqueue_refuses_closed_and_expired_sessions,
+    lease_is_fair_across_sessions,
+    lease_is_fifo_within_a_session,
+    lease_filters_by_model,
+    private_session_allowlist,
+    closed_and_expired_sessions_are_not_leased,
+    close_session_cancels_open_tasks,
+    deadlines,
+    lease_expiry_reap_and_release,
+    max_attempts_makes_a_task_dead,
+    release_requeues,
+    fail_is_final,
+    lease_holder_checks,
+    complete_is_idempotent,
+    late_result_after_lapse_is_accepted,
+    cancel,
+    events_reach_subscribers,
+    audit_chain,
+    audit_tampering_is_detected,
+    audit_appends_stay_linear_under_concurrency,
+    concurrent_leasing_leases_every_task_once,
+);
+
+/// Tests of PostgreSQL replicas waking each other (SQLite events are in-process only).
+mod postgres_replicas {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn events_cross_replicas() {
+        let b = Backend::postgres().await;
+        tokio::time::timeout(TEST_TIMEOUT, events_cross_replicas_(b.store.clone(), &b))
+            .await
+            .expect("test timed out");
+        b.finish().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn events_survive_a_dropped_listen_connection() {
+        let b = Backend::postgres().await;
+        tokio::time::timeout(TEST_TIMEOUT, listener_reconnects(b.store.clone(), &b))
+            .await
+            .expect("test timed out");
+        b.finish().await;
+    }
+}
+
+/// What only the SQLite backend has: a private file, and an in-memory mode.
+mod sqlite_only {
+    use super::*;
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn database_file_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh.db");
+        let store = open(&format!("sqlite://{}", path.display())).await.unwrap();
+        session(&store, public()).await;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "database file mode {mode:o}");
+        for suffix in ["-wal", "-shm"] {
+            let side = dir.path().join(format!("fresh.db{suffix}"));
+            if let Ok(m) = std::fs::metadata(&side) {
+                let mode = m.permissions().mode() & 0o777;
+                assert_eq!(mode & 0o077, 0, "{suffix} file mode {mode:o}");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn in_memory_database_keeps_its_data() {
+        let s = open("sqlite::memory:").await.unwrap();
+        let sess = session(&s, public()).await;
+        let mut handles = vec![];
+        for i in 0..20 {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                s.enqueue(&new_task(sess.id, MODEL, T0 + i)).await.unwrap()
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(s.queue_depth().await.unwrap().queued, 20);
+        assert_eq!(s.get_session(sess.id).await.unwrap(), sess);
+    }
+}
+
+// --- helpers --------------------------------------------------------------------------------
+
+fn public() -> PrivacySetting {
+    PrivacySetting {
+        private: false,
+        allowed_miners: vec![],
+        source: AllowlistSource::Router,
+    }
+}
+
+fn private(miners: &[&str]) -> PrivacySetting {
+    PrivacySetting {
+        private: true,
+        allowed_miners: miners.iter().map(|m| m.to_string()).collect(),
+        source: AllowlistSource::Router,
+    }
+}
+
+fn new_session(owner: &str, privacy: PrivacySetting, at: i64) -> NewSession {
+    NewSession {
+        id: Uuid::now_v7(),
+        owner: owner.into(),
+        kind: SessionKind::Dedicated,
+        privacy,
+        created_at_ms: at,
+        expires_at_ms: None,
+    }
+}
+
+async fn session(s: &Arc<dyn Store>, privacy: PrivacySetting) -> Session {
+    s.create_session(&new_session("key:owner", privacy, T0))
+        .await
+        .expect("create session")
+}
+
+fn new_task(session_id: Uuid, model: &str, at: i64) -> NewTask {
+    NewTask {
+        id: Uuid::now_v7(),
+        session_id,
+        prompt_urn: format!("urn:veil:blob:{}", Uuid::new_v4()),
+        prompt_hash: [7u8; 32],
+        prompt_scope: 2,
+        key_version: 3,
+        model: model.into(),
+        params: TaskParams {
+            max_tokens: Some(64),
+            temperature: Some(0.5),
+            stream: true,
+            ..TaskParams::default()
+        },
+        max_attempts: 3,
+        created_at_ms: at,
+        deadline_ms: None,
+        submitted_by: "key:owner".into(),
+    }
+}
+
+async fn enqueue(s: &Arc<dyn Store>, session_id: Uuid) -> Task {
+    s.enqueue(&new_task(session_id, MODEL, T0))
+        .await
+        .expect("enqueue")
+}
+
+fn query(miner: &str, models: &[&str], now_ms: i64, ttl_ms: i64) -> LeaseQuery {
+    LeaseQuery {
+        miner: miner.into(),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        now_ms,
+        ttl_ms,
+        lease_id: Uuid::now_v7(),
+    }
+}
+
+async fn lease(s: &Arc<dyn Store>, miner: &str, now_ms: i64) -> Option<LeasedTask> {
+    s.lease(&query(miner, &[MODEL], now_ms, TTL))
+        .await
+        .expect("lease")
+}
+
+async fn lease_one(s: &Arc<dyn Store>, miner: &str, now_ms: i64) -> LeasedTask {
+    lease(s, miner, now_ms).await.expect("a task to lease")
+}
+
+fn result(miner: &str, n: u8) -> TaskResultRecord {
+    TaskResultRecord {
+        result_urn: format!("urn:veil:blob:result-{n}"),
+        result_hash: [n; 32],
+        result_size: 1000 + u64::from(n),
+        miner: miner.into(),
+        signature: vec![n; 65],
+        prompt_tokens: 11,
+        completion_tokens: 22,
+        finish_reason: "stop".into(),
+    }
+}
+
+#[track_caller]
+fn expect_conflict<T: Debug>(r: Result<T>, want: &str) {
+    match r {
+        Err(StoreError::Conflict { code, .. }) if code == want => {}
+        other => panic!("expected Conflict({want}), got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn expect_not_found<T: Debug>(r: Result<T>, want: &str) {
+    match r {
+        Err(StoreError::NotFound { what }) if what == want => {}
+        other => panic!("expected NotFound({want}), got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn expect_exists<T: Debug>(r: Result<T>, want: &str) {
+    match r {
+        Err(StoreError::AlreadyExists { what }) if what == want => {}
+        other => panic!("expected AlreadyExists({want}), got {other:?}"),
+    }
+}
+
+/// Waits (up to 10 s) for an event matching `pred`; panics otherwise.
+async fn wait_for(rx: &mut broadcast::Receiver<StoreEvent>, pred: impl Fn(&StoreEvent) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(e)) if pred(&e) => return,
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("event channel closed: {e}"),
+            Err(_) => panic!("no matching event within 10 s"),
+        }
+    }
+}
+
+/// Events already delivered to `rx`.
+fn drain(rx: &mut broadcast::Receiver<StoreEvent>) -> Vec<StoreEvent> {
+    let mut out = vec![];
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+    out
+}
+
+fn available(model: &str) -> StoreEvent {
+    StoreEvent::TaskAvailable {
+        model: model.into(),
+    }
+}
+
+fn finished(task_id: Uuid) -> StoreEvent {
+    StoreEvent::TaskFinished { task_id }
+}
+
+// --- the suite ------------------------------------------------------------------------------
+
+async fn migrate_and_ping(s: Arc<dyn Store>, b: &Backend) {
+    s.migrate().await.expect("migrate is idempotent");
+    s.ping().await.expect("ping");
+    let other = b.replica().await;
+    other.ping().await.expect("ping from a second store");
+    assert_eq!(s.count_api_keys().await.unwrap(), 0, "fresh database");
+    assert_eq!(s.queue_depth().await.unwrap(), Default::default());
+}
+
+async fn sessions_create_get_list(s: Arc<dyn Store>, _b: &Backend) {
+    let mut ids = vec![];
+    for i in 0..3 {
+        let n = new_session("key:one", private(&[MINER_A, MINER_B]), T0 + i);
+        let created = s.create_session(&n).await.unwrap();
+        assert_eq!(created.id, n.id);
+        assert_eq!(created.owner, "key:one");
+        assert_eq!(created.kind, SessionKind::Dedicated);
+        assert_eq!(created.privacy, n.privacy);
+        assert_eq!(created.created_at_ms, T0 + i);
+        assert_eq!(created.closed_at_ms, None);
+        assert_eq!(s.get_session(n.id).await.unwrap(), created);
+        ids.push(n.id);
+    }
+    let mut pooled = new_session("0xAbCd000000000000000000000000000000000001", public(), T0);
+    pooled.kind = SessionKind::Pooled;
+    pooled.expires_at_ms = Some(T0 + 1000);
+    pooled.privacy.source = AllowlistSource::Contract;
+    let other = s.create_session(&pooled).await.unwrap();
+    assert_eq!(other.kind, SessionKind::Pooled);
+    assert_eq!(other.expires_at_ms, Some(T0 + 1000));
+    assert_eq!(other.privacy.source, AllowlistSource::Contract);
+
+    expect_exists(s.create_session(&pooled).await, "session");
+    expect_not_found(s.get_session(Uuid::now_v7()).await, "session");
+
+    let listed: Vec<Uuid> = s
+        .list_sessions("key:one", 10, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(listed, vec![ids[2], ids[1], ids[0]], "newest first");
+    let page: Vec<Uuid> = s
+        .list_sessions("key:one", 2, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(page, vec![ids[2], ids[1]]);
+    let next = s.list_sessions("key:one", 2, Some(ids[1])).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].id, ids[0]);
+    assert_eq!(
+        next[0].privacy.allowed_miners,
+        vec![MINER_A.to_string(), MINER_B.to_string()],
+        "listed sessions carry their allowlist, in order"
+    );
+    let theirs = s
+        .list_sessions("0xAbCd000000000000000000000000000000000001", 10, None)
+        .await
+        .unwrap();
+    assert_eq!(theirs, vec![other]);
+    assert!(
+        s.list_sessions("nobody", 10, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn privacy_and_close(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let p = PrivacySetting {
+        private: true,
+        allowed_miners: vec![MINER_C.into(), MINER_A.into()],
+        source: AllowlistSource::Static,
+    };
+    let updated = s.set_privacy(sess.id, &p).await.unwrap();
+    assert_eq!(updated.privacy, p);
+    assert_eq!(s.get_session(sess.id).await.unwrap().privacy, p);
+    let back = s.set_privacy(sess.id, &public()).await.unwrap();
+    assert_eq!(back.privacy, public());
+    expect_not_found(s.set_privacy(Uuid::now_v7(), &p).await, "session");
+
+    assert_eq!(s.close_session(sess.id, T0 + 10).await.unwrap(), 0);
+    let closed = s.get_session(sess.id).await.unwrap();
+    assert_eq!(closed.closed_at_ms, Some(T0 + 10));
+    assert!(!closed.is_open(T0 + 11));
+    assert_eq!(
+        s.close_session(sess.id, T0 + 20).await.unwrap(),
+        0,
+        "closing a closed session is a no-op"
+    );
+    assert_eq!(
+        s.get_session(sess.id).await.unwrap().closed_at_ms,
+        Some(T0 + 10)
+    );
+    expect_conflict(s.set_privacy(sess.id, &p).await, "session_closed");
+    expect_not_found(s.close_session(Uuid::now_v7(), T0).await, "session");
+}
+
+fn new_key(owner: &str, hash: u8, admin: bool, at: i64) -> NewApiKey {
+    NewApiKey {
+        id: Uuid::now_v7(),
+        owner: owner.into(),
+        hash: [hash; 32],
+        prefix: format!("vk_{hash:02x}"),
+        admin,
+        rate_per_minute: 600,
+        max_concurrent: 8,
+        created_at_ms: at,
+    }
+}
+
+async fn api_keys(s: Arc<dyn Store>, _b: &Backend) {
+    assert_eq!(s.count_api_keys().await.unwrap(), 0);
+    let k1 = new_key("admin", 1, true, T0);
+    let k2 = new_key("team-a", 2, false, T0 + 1);
+    let a = s.create_api_key(&k1).await.unwrap();
+    assert_eq!(a.id, k1.id);
+    assert_eq!(a.owner, "admin");
+    assert_eq!(a.prefix, "vk_01");
+    assert!(a.admin);
+    assert_eq!((a.rate_per_minute, a.max_concurrent), (600, 8));
+    assert_eq!((a.default_session, a.revoked_at_ms), (None, None));
+    assert_eq!(a.created_at_ms, T0);
+    let b2 = s.create_api_key(&k2).await.unwrap();
+    assert!(!b2.admin);
+
+    expect_exists(s.create_api_key(&k1).await, "api_key");
+    let mut same_hash = new_key("x", 1, false, T0);
+    same_hash.id = Uuid::now_v7();
+    expect_exists(s.create_api_key(&same_hash).await, "api_key");
+    assert_eq!(s.count_api_keys().await.unwrap(), 2);
+
+    assert_eq!(s.api_key_by_hash(&[1; 32]).await.unwrap(), a);
+    assert_eq!(s.api_key_by_hash(&[2; 32]).await.unwrap(), b2);
+    expect_not_found(s.api_key_by_hash(&[9; 32]).await, "api_key");
+    assert_eq!(
+        s.list_api_keys().await.unwrap(),
+        vec![a.clone(), b2.clone()]
+    );
+
+    let revoked = s.revoke_api_key(k2.id, T0 + 5).await.unwrap();
+    assert_eq!(revoked.revoked_at_ms, Some(T0 + 5));
+    let again = s.revoke_api_key(k2.id, T0 + 9).await.unwrap();
+    assert_eq!(again.revoked_at_ms, Some(T0 + 5), "revoking is idempotent");
+    assert_eq!(
+        s.api_key_by_hash(&[2; 32]).await.unwrap().revoked_at_ms,
+        Some(T0 + 5),
+        "revoked keys are still found, with revoked_at"
+    );
+    expect_not_found(s.revoke_api_key(Uuid::now_v7(), T0).await, "api_key");
+    assert_eq!(s.count_api_keys().await.unwrap(), 2);
+
+    let sess = session(&s, public()).await;
+    s.set_default_session(k1.id, sess.id).await.unwrap();
+    assert_eq!(
+        s.api_key_by_hash(&[1; 32]).await.unwrap().default_session,
+        Some(sess.id)
+    );
+    expect_not_found(
+        s.set_default_session(k1.id, Uuid::now_v7()).await,
+        "session",
+    );
+    expect_not_found(
+        s.set_default_session(Uuid::now_v7(), sess.id).await,
+        "api_key",
+    );
+}
+
+async fn miner_sessions_and_served_models(s: Arc<dyn Store>, _b: &Backend) {
+    let m1 = NewMinerSession {
+        token_hash: [1; 32],
+        miner: MINER_A.into(),
+        recipient: [0xaa; 32],
+        models: vec![
+            ("mistral-7b".into(), Some("ab".repeat(32))),
+            (MODEL.into(), None),
+        ],
+        created_at_ms: T0,
+        expires_at_ms: T0 + 100,
+    };
+    let m2 = NewMinerSession {
+        token_hash: [2; 32],
+        miner: MINER_B.into(),
+        recipient: [0xbb; 32],
+        models: vec![("qwen-2".into(), None), (MODEL.into(), None)],
+        created_at_ms: T0,
+        expires_at_ms: T0 + 50,
+    };
+    s.create_miner_session(&m1).await.unwrap();
+    s.create_miner_session(&m2).await.unwrap();
+    expect_exists(s.create_miner_session(&m1).await, "miner_session");
+
+    assert_eq!(s.miner_session(&[1; 32], T0).await.unwrap(), m1);
+    assert_eq!(s.miner_session(&[2; 32], T0 + 49).await.unwrap(), m2);
+    expect_not_found(s.miner_session(&[2; 32], T0 + 50).await, "miner_session");
+    expect_not_found(s.miner_session(&[3; 32], T0).await, "miner_session");
+
+    assert_eq!(
+        s.served_models(T0).await.unwrap(),
+        vec![MODEL.to_string(), "mistral-7b".into(), "qwen-2".into()],
+        "deduplicated and sorted"
+    );
+    assert_eq!(
+        s.served_models(T0 + 60).await.unwrap(),
+        vec![MODEL.to_string(), "mistral-7b".into()],
+        "expired miner sessions serve nothing"
+    );
+    assert!(s.served_models(T0 + 100).await.unwrap().is_empty());
+}
+
+async fn nonces(s: Arc<dyn Store>, _b: &Backend) {
+    let (n1, n2) = ([1u8; 16], [2u8; 16]);
+    s.use_nonce(MINER_A, &n1, T0 + 10).await.unwrap();
+    expect_exists(s.use_nonce(MINER_A, &n1, T0 + 10).await, "nonce");
+    expect_exists(s.use_nonce(MINER_A, &n1, T0 + 999).await, "nonce");
+    s.use_nonce(MINER_B, &n1, T0 + 10)
+        .await
+        .expect("nonces are per signer");
+    s.use_nonce(MINER_A, &n2, T0 + 100).await.unwrap();
+    assert_eq!(s.prune_nonces(T0 + 10).await.unwrap(), 0, "not yet expired");
+    assert_eq!(s.prune_nonces(T0 + 50).await.unwrap(), 2);
+    s.use_nonce(MINER_A, &n1, T0 + 200)
+        .await
+        .expect("a pruned pair is forgotten");
+    expect_exists(s.use_nonce(MINER_A, &n2, T0 + 100).await, "nonce");
+}
+
+async fn enqueue_and_get(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let mut n = new_task(sess.id, MODEL, T0 + 1);
+    n.deadline_ms = Some(T0 + 60_000);
+    n.params.stop = vec!["\n\n".into()];
+    n.params.seed = Some(42);
+    let t = s.enqueue(&n).await.unwrap();
+    assert_eq!(t.id, n.id);
+    assert_eq!(t.session_id, sess.id);
+    assert_eq!(t.prompt_urn, n.prompt_urn);
+    assert_eq!(t.prompt_hash, n.prompt_hash);
+    assert_eq!(t.prompt_scope, 2);
+    assert_eq!(t.key_version, 3);
+    assert_eq!(t.model, MODEL);
+    assert_eq!(t.params, n.params);
+    assert_eq!(t.state, TaskState::Queued);
+    assert_eq!((t.attempts, t.max_attempts), (0, 3));
+    assert_eq!(t.created_at_ms, T0 + 1);
+    assert_eq!(t.deadline_ms, Some(T0 + 60_000));
+    assert_eq!(t.submitted_by, "key:owner");
+    assert_eq!((t.lease_id, t.leased_by.as_deref()), (None, None));
+    assert_eq!(t.lease_expires_at_ms, None);
+    assert_eq!(t.result, None);
+    assert_eq!((t.error_code.as_deref(), t.finished_at_ms), (None, None));
+    assert_eq!(s.get_task(n.id).await.unwrap(), t);
+
+    expect_exists(s.enqueue(&n).await, "task");
+    expect_not_found(
+        s.enqueue(&new_task(Uuid::now_v7(), MODEL, T0)).await,
+        "session",
+    );
+    expect_not_found(s.get_task(Uuid::now_v7()).await, "task");
+    enqueue(&s, sess.id).await;
+    let depth = s.queue_depth().await.unwrap();
+    assert_eq!((depth.queued, depth.leased), (2, 0));
+}
+
+async fn enqueue_refuses_closed_and_expired_sessions(s: Arc<dyn Store>, _b: &Backend) {
+    let mut n = new_session("key:owner", public(), T0);
+    n.expires_at_ms = Some(T0 + 100);
+    let expiring = s.create_session(&n).await.unwrap();
+    s.enqueue(&new_task(expiring.id, MODEL, T0 + 99))
+        .await
+        .expect("open until it expires");
+    expect_conflict(
+        s.enqueue(&new_task(expiring.id, MODEL, T0 + 100)).await,
+        "session_closed",
+    );
+    let closed = session(&s, public()).await;
+    s.close_session(closed.id, T0).await.unwrap();
+    expect_conflict(
+        s.enqueue(&new_task(closed.id, MODEL, T0 + 1)).await,
+        "session_closed",
+    );
+}
+
+async fn lease_is_fair_across_sessions(s: Arc<dyn Store>, _b: &Backend) {
+    let a = session(&s, public()).await;
+    let b = session(&s, public()).await;
+    for i in 0..10 {
+        s.enqueue(&new_task(a.id, MODEL, T0 + i)).await.unwrap();
+    }
+    let lone = s.enqueue(&new_task(b.id, MODEL, T0 + 20)).await.unwrap();
+    let first = lease_one(&s, MINER_A, T0 + 100).await;
+    let second = lease_one(&s, MINER_A, T0 + 100).await;
+    assert!(
+        first.task.id == lone.id || second.task.id == lone.id,
+        "session B's only task is leased within the first two, not after A's ten"
+    );
+    let mut rest = 0;
+    while let Some(l) = lease(&s, MINER_A, T0 + 100).await {
+        assert_eq!(l.task.session_id, a.id);
+        rest += 1;
+    }
+    assert_eq!(rest, 9);
+}
+
+async fn lease_is_fifo_within_a_session(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let mut ids = vec![];
+    for _ in 0..6 {
+        // Same timestamp and random (unordered) ids: only the queue's own order can tell.
+        let mut n = new_task(sess.id, MODEL, T0);
+        n.id = Uuid::new_v4();
+        s.enqueue(&n).await.unwrap();
+        ids.push(n.id);
+    }
+    let mut leased = vec![];
+    while let Some(l) = lease(&s, MINER_A, T0 + 1).await {
+        assert_eq!(l.attempt, 1);
+        leased.push(l.task.id);
+    }
+    assert_eq!(leased, ids);
+}
+
+async fn lease_filters_by_model(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let x = s.enqueue(&new_task(sess.id, "model-x", T0)).await.unwrap();
+    let y = s.enqueue(&new_task(sess.id, "model-y", T0)).await.unwrap();
+    let none = s
+        .lease(&query(MINER_A, &["model-z"], T0, TTL))
+        .await
+        .unwrap();
+    assert!(none.is_none());
+    let empty = s.lease(&query(MINER_A, &[], T0, TTL)).await.unwrap();
+    assert!(empty.is_none(), "a miner serving no model gets nothing");
+    let got = s
+        .lease(&query(MINER_A, &["model-z", "model-y"], T0, TTL))
+        .await
+        .unwrap()
+        .expect("model-y task");
+    assert_eq!(got.task.id, y.id);
+    assert!(
+        s.lease(&query(MINER_A, &["model-y"], T0, TTL))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let got = s
+        .lease(&query(MINER_B, &["model-x"], T0, TTL))
+        .await
+        .unwrap()
+        .expect("model-x task");
+    assert_eq!(got.task.id, x.id);
+}
+
+async fn private_session_allowlist(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, private(&[MINER_C, MINER_A])).await;
+    let t = enqueue(&s, sess.id).await;
+    assert!(
+        lease(&s, MINER_B, T0).await.is_none(),
+        "a miner not on the allowlist gets nothing"
+    );
+    let got = lease_one(&s, MINER_A, T0).await;
+    assert_eq!(got.task.id, t.id);
+    assert_eq!(got.task.leased_by.as_deref(), Some(MINER_A));
+
+    // Public again: anyone may serve it.
+    s.set_privacy(sess.id, &public()).await.unwrap();
+    let t2 = enqueue(&s, sess.id).await;
+    assert_eq!(lease_one(&s, MINER_B, T0).await.task.id, t2.id);
+    // Private with nobody allowed: nobody gets it.
+    s.set_privacy(sess.id, &private(&[])).await.unwrap();
+    enqueue(&s, sess.id).await;
+    assert!(lease(&s, MINER_A, T0).await.is_none());
+    assert!(lease(&s, MINER_B, T0).await.is_none());
+}
+
+async fn closed_and_expired_sessions_are_not_leased(s: Arc<dyn Store>, _b: &Backend) {
+    let mut n = new_session("key:owner", public(), T0);
+    n.expires_at_ms = Some(T0 + 100);
+    let expiring = s.create_session(&n).await.unwrap();
+    let t1 = enqueue(&s, expiring.id).await;
+    let _t2 = enqueue(&s, expiring.id).await;
+    assert_eq!(lease_one(&s, MINER_A, T0 + 99).await.task.id, t1.id);
+    assert!(
+        lease(&s, MINER_A, T0 + 100).await.is_none(),
+        "tasks of an expired session are not leased"
+    );
+
+    let closed = session(&s, public()).await;
+    enqueue(&s, closed.id).await;
+    s.close_session(closed.id, T0 + 1).await.unwrap();
+    assert!(lease(&s, MINER_A, T0 + 200).await.is_none());
+}
+
+async fn close_session_cancels_open_tasks(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let other = session(&s, public()).await;
+    let done = enqueue(&s, sess.id).await;
+    let dl = lease_one(&s, MINER_C, T0).await;
+    assert_eq!(dl.task.id, done.id);
+    s.complete(dl.lease_id, MINER_C, &result(MINER_C, 1), T0)
+        .await
+        .unwrap();
+    let leased = enqueue(&s, sess.id).await;
+    let l = lease_one(&s, MINER_A, T0).await;
+    assert_eq!(l.task.id, leased.id);
+    let queued = enqueue(&s, sess.id).await;
+    let untouched = enqueue(&s, other.id).await;
+
+    let mut rx = s.subscribe();
+    assert_eq!(s.close_session(sess.id, T0 + 5).await.unwrap(), 2);
+    let mut events = drain(&mut rx);
+    events.sort_by_key(|e| format!("{e:?}"));
+    let mut want = vec![finished(leased.id), finished(queued.id)];
+    want.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(events, want, "one TaskFinished per cancelled task");
+    for id in [leased.id, queued.id] {
+        let t = s.get_task(id).await.unwrap();
+        assert_eq!(t.state, TaskState::Cancelled);
+        assert_eq!(t.error_code.as_deref(), Some("session_closed"));
+        assert_eq!(t.finished_at_ms, Some(T0 + 5));
+    }
+    assert_eq!(
+        s.get_task(done.id).await.unwrap().state,
+        TaskState::Completed,
+        "a completed task stays completed"
+    );
+    assert_eq!(
+        s.get_task(untouched.id).await.unwrap().state,
+        TaskState::Queued,
+        "other sessions are not touched"
+    );
+    expect_conflict(
+        s.complete(l.lease_id, MINER_A, &result(MINER_A, 2), T0 + 6)
+            .await,
+        "task_final",
+    );
+    assert_eq!(s.close_session(sess.id, T0 + 6).await.unwrap(), 0);
+}
+
+async fn deadlines(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let mut n = new_task(sess.id, MODEL, T0);
+    n.deadline_ms = Some(T0 + 100);
+    let leased = s.enqueue(&n).await.unwrap();
+    let mut n = new_task(sess.id, MODEL, T0);
+    n.deadline_ms = Some(T0 + 100);
+    let queued = s.enqueue(&n).await.unwrap();
+    let mut n = new_task(sess.id, MODEL, T0);
+    n.deadline_ms = Some(T0 + 10_000);
+    let later = s.enqueue(&n).await.unwrap();
+    let free = enqueue(&s, sess.id).await;
+
+    let l = s
+        .lease(&query(MINER_A, &[MODEL], T0 + 10, 1_000_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.task.id, leased.id);
+    // At the deadline, `queued` is no longer leasable; `later` is.
+    let next = lease_one(&s, MINER_A, T0 + 100).await;
+    assert_eq!(next.task.id, later.id);
+    s.release(next.lease_id, MINER_A, T0 + 100).await.unwrap();
+
+    let mut rx = s.subscribe();
+    let report = s.reap(T0 + 100).await.unwrap();
+    let mut failed = report.deadline_failed.clone();
+    failed.sort();
+    let mut want = vec![leased.id, queued.id];
+    want.sort();
+    assert_eq!(
+        failed, want,
+        "queued and leased tasks past their deadline fail"
+    );
+    assert!(report.requeued.is_empty() && report.dead.is_empty());
+    for id in [leased.id, queued.id] {
+        let t = s.get_task(id).await.unwrap();
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.error_code.as_deref(), Some("deadline_exceeded"));
+        assert_eq!(t.finished_at_ms, Some(T0 + 100));
+    }
+    assert_eq!(drain(&mut rx).len(), 2, "a TaskFinished each");
+    assert_eq!(s.get_task(later.id).await.unwrap().state, TaskState::Queued);
+    assert_eq!(s.get_task(free.id).await.unwrap().state, TaskState::Queued);
+    expect_conflict(
+        s.heartbeat(l.lease_id, MINER_A, T0 + 101, TTL).await,
+        "lease_not_held",
+    );
+    assert_eq!(s.reap(T0 + 100).await.unwrap(), Default::default());
+}
+
+async fn lease_expiry_reap_and_release(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let t = enqueue(&s, sess.id).await;
+    let l1 = s
+        .lease(&query(MINER_A, &[MODEL], T0, 1000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(l1.attempt, 1);
+    assert_eq!(l1.lease_expires_at_ms, T0 + 1000);
+    assert_eq!(l1.task.state, TaskState::Leased);
+    assert_eq!(l1.task.attempts, 1);
+    assert_eq!(l1.task.lease_id, Some(l1.lease_id));
+    assert_eq!(l1.task.leased_by.as_deref(), Some(MINER_A));
+    assert_eq!(l1.task.lease_expires_at_ms, Some(T0 + 1000));
+    assert_eq!(s.queue_depth().await.unwrap().leased, 1);
+
+    assert_eq!(
+        s.heartbeat(l1.lease_id, MINER_A, T0 + 500, 1000)
+            .await
+            .unwrap(),
+        T0 + 1500
+    );
+    let active = s
+        .active_lease(l1.lease_id, MINER_A, T0 + 1400)
+        .await
+        .unwrap();
+    assert_eq!(active.lease_expires_at_ms, T0 + 1500);
+    assert_eq!(active.task.lease_expires_at_ms, Some(T0 + 1500));
+    assert_eq!(s.reap(T0 + 1499).await.unwrap(), Default::default());
+
+    let mut rx = s.subscribe();
+    let report = s.reap(T0 + 1500).await.unwrap();
+    assert_eq!(report.requeued, vec![t.id]);
+    assert!(report.dead.is_empty() && report.deadline_failed.is_empty());
+    assert_eq!(drain(&mut rx), vec![available(MODEL)]);
+    assert_eq!(s.get_task(t.id).await.unwrap().state, TaskState::Queued);
+    expect_conflict(
+        s.heartbeat(l1.lease_id, MINER_A, T0 + 1600, 1000).await,
+        "lease_expired",
+    );
+
+    let l2 = lease_one(&s, MINER_B, T0 + 1600).await;
+    assert_eq!(l2.task.id, t.id);
+    assert_eq!(l2.attempt, 2);
+    assert_eq!(l2.task.attempts, 2);
+    assert_ne!(l2.lease_id, l1.lease_id);
+    expect_conflict(
+        s.heartbeat(l1.lease_id, MINER_A, T0 + 1700, 1000).await,
+        "lease_not_held",
+    );
+    expect_conflict(
+        s.active_lease(l1.lease_id, MINER_A, T0 + 1700).await,
+        "lease_not_held",
+    );
+    let old = s.lease_record(l1.lease_id, MINER_A).await.unwrap();
+    assert_eq!((old.task_id, old.attempt), (t.id, 1));
+    assert_eq!(old.miner, MINER_A);
+    assert_eq!(old.expires_at_ms, T0 + 1500);
+    let cur = s
+        .active_lease(l2.lease_id, MINER_B, T0 + 1700)
+        .await
+        .unwrap();
+    assert_eq!(cur.attempt, 2);
+    assert_eq!(cur.task.leased_by.as_deref(), Some(MINER_B));
+}
+
+async fn max_attempts_makes_a_task_dead(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let mut n = new_task(sess.id, MODEL, T0);
+    n.max_attempts = 2;
+    let t = s.enqueue(&n).await.unwrap();
+    let l1 = lease_one(&s, MINER_A, T0).await;
+    assert_eq!(s.reap(T0 + TTL).await.unwrap().requeued, vec![t.id]);
+    let l2 = lease_one(&s, MINER_A, T0 + TTL).await;
+    assert_eq!((l1.attempt, l2.attempt), (1, 2));
+    let mut rx = s.subscribe();
+    let report = s.reap(T0 + 2 * TTL).await.unwrap();
+    assert_eq!(report.dead, vec![t.id]);
+    assert!(report.requeued.is_empty());
+    assert_eq!(drain(&mut rx), vec![finished(t.id)]);
+    let dead = s.get_task(t.id).await.unwrap();
+    assert_eq!(dead.state, TaskState::Dead);
+    assert_eq!(dead.error_code.as_deref(), Some("max_attempts"));
+    assert_eq!(dead.finished_at_ms, Some(T0 + 2 * TTL));
+    assert!(lease(&s, MINER_A, T0 + 2 * TTL).await.is_none());
+    expect_conflict(
+        s.complete(l2.lease_id, MINER_A, &result(MINER_A, 1), T0 + 2 * TTL)
+            .await,
+        "task_final",
+    );
+}
+
+async fn release_requeues(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let t = enqueue(&s, sess.id).await;
+    let l = lease_one(&s, MINER_A, T0).await;
+    expect_conflict(s.release(l.lease_id, MINER_B, T0).await, "lease_not_held");
+    expect_not_found(s.release(Uuid::now_v7(), MINER_A, T0).await, "lease");
+
+    let mut rx = s.subscribe();
+    s.release(l.lease_id, MINER_A, T0 + 10).await.unwrap();
+    assert_eq!(drain(&mut rx), vec![available(MODEL)]);
+    let q = s.get_task(t.id).await.unwrap();
+    assert_eq!(q.state, TaskState::Queued);
+    assert_eq!(q.attempts, 0, "a released attempt does not count");
+    assert_eq!(q.lease_expires_at_ms, None);
+    expect_conflict(
+        s.heartbeat(l.lease_id, MINER_A, T0 + 11, TTL).await,
+        "lease_not_held",
+    );
+    expect_conflict(
+        s.release(l.lease_id, MINER_A, T0 + 11).await,
+        "lease_not_held",
+    );
+    let again = lease_one(&s, MINER_B, T0 + 20).await;
+    assert_eq!(again.task.id, t.id);
+    assert_eq!(again.attempt, 1);
+}
+
+async fn fail_is_final(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let t = enqueue(&s, sess.id).await;
+    let l = lease_one(&s, MINER_A, T0).await;
+    expect_conflict(
+        s.fail(l.lease_id, MINER_B, "bad_prompt", "x", T0).await,
+        "lease_not_held",
+    );
+    let mut rx = s.subscribe();
+    s.fail(
+        l.lease_id,
+        MINER_A,
+        "prompt_unreadable",
+        "hash mismatch",
+        T0 + 5,
+    )
+    .await
+    .unwrap();
+    assert_eq!(drain(&mut rx), vec![finished(t.id)]);
+    let f = s.get_task(t.id).await.unwrap();
+    assert_eq!(f.state, TaskState::Failed);
+    assert_eq!(f.error_code.as_deref(), Some("prompt_unreadable"));
+    assert_eq!(f.error_message.as_deref(), Some("hash mismatch"));
+    assert_eq!(f.finished_at_ms, Some(T0 + 5));
+    expect_conflict(
+        s.fail(l.lease_id, MINER_A, "again", "", T0 + 6).await,
+        "lease_not_held",
+    );
+    expect_conflict(
+        s.complete(l.lease_id, MINER_A, &result(MINER_A, 1), T0 + 6)
+            .await,
+        "task_final",
+    );
+    assert!(lease(&s, MINER_A, T0 + 7).await.is_none());
+}
+
+async fn lease_holder_checks(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    enqueue(&s, sess.id).await;
+    let l = s
+        .lease(&query(MINER_A, &[MODEL], T0, 1000))
+        .await
+        .unwrap()
+        .unwrap();
+    expect_conflict(
+        s.heartbeat(l.lease_id, MINER_B, T0 + 1, 1000).await,
+        "lease_not_held",
+    );
+    expect_conflict(
+        s.active_lease(l.lease_id, MINER_B, T0 + 1).await,
+        "lease_not_held",
+    );
+    expect_conflict(s.lease_record(l.lease_id, MINER_B).await, "lease_not_held");
+    expect_not_found(
+        s.heartbeat(Uuid::now_v7(), MINER_A, T0, 1000).await,
+        "lease",
+    );
+    expect_not_found(s.active_lease(Uuid::now_v7(), MINER_A, T0).await, "lease");
+    expect_not_found(s.lease_record(Uuid::now_v7(), MINER_A).await, "lease");
+
+    let a = s.active_lease(l.lease_id, MINER_A, T0 + 999).await.unwrap();
+    assert_eq!(a, l, "the active lease is what lease() returned");
+    expect_conflict(
+        s.active_lease(l.lease_id, MINER_A, T0 + 1000).await,
+        "lease_expired",
+    );
+    expect_conflict(
+        s.heartbeat(l.lease_id, MINER_A, T0 + 1000, 1000).await,
+        "lease_expired",
+    );
+    // A lapsed lease stays lapsed, even before the reaper has run.
+    expect_conflict(
+        s.release(l.lease_id, MINER_A, T0 + 1000).await,
+        "lease_expired",
+    );
+    let rec = s.lease_record(l.lease_id, MINER_A).await.unwrap();
+    assert_eq!(rec.lease_id, l.lease_id);
+    assert_eq!(rec.task_id, l.task.id);
+    assert_eq!(rec.attempt, 1);
+}
+
+async fn complete_is_idempotent(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let t = enqueue(&s, sess.id).await;
+    let l = lease_one(&s, MINER_A, T0).await;
+    let mut rx = s.subscribe();
+    let first = result(MINER_A, 1);
+    let done = match s.complete(l.lease_id, MINER_A, &first, T0 + 5).await {
+        Ok(CompleteOutcome::Accepted(task)) => task,
+        other => panic!("expected Accepted, got {other:?}"),
+    };
+    assert_eq!(drain(&mut rx), vec![finished(t.id)]);
+    assert_eq!(done.state, TaskState::Completed);
+    assert_eq!(done.result.as_ref(), Some(&first));
+    assert_eq!(done.finished_at_ms, Some(T0 + 5));
+    assert_eq!(s.get_task(t.id).await.unwrap(), done);
+
+    match s
+        .complete(l.lease_id, MINER_A, &result(MINER_A, 2), T0 + 6)
+        .await
+    {
+        Ok(CompleteOutcome::Duplicate(task)) => assert_eq!(task, done, "nothing changed"),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert!(drain(&mut rx).is_empty());
+    assert_eq!(s.get_task(t.id).await.unwrap().result, Some(first));
+    expect_conflict(
+        s.complete(l.lease_id, MINER_B, &result(MINER_B, 3), T0 + 6)
+            .await,
+        "lease_not_held",
+    );
+    expect_not_found(
+        s.complete(Uuid::now_v7(), MINER_A, &result(MINER_A, 3), T0 + 6)
+            .await,
+        "lease",
+    );
+    expect_conflict(
+        s.heartbeat(l.lease_id, MINER_A, T0 + 7, TTL).await,
+        "lease_not_held",
+    );
+    let depth = s.queue_depth().await.unwrap();
+    assert_eq!((depth.queued, depth.leased), (0, 0));
+}
+
+async fn late_result_after_lapse_is_accepted(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    // Lapsed, reaped and leased again to another miner: the late result still wins.
+    let t = enqueue(&s, sess.id).await;
+    let la = s
+        .lease(&query(MINER_A, &[MODEL], T0, 1000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.reap(T0 + 2000).await.unwrap().requeued, vec![t.id]);
+    let lb = lease_one(&s, MINER_B, T0 + 2100).await;
+    assert_eq!(lb.task.id, t.id);
+    let ra = result(MINER_A, 1);
+    match s.complete(la.lease_id, MINER_A, &ra, T0 + 2200).await {
+        Ok(CompleteOutcome::Accepted(task)) => assert_eq!(task.result, Some(ra.clone())),
+        other => panic!("expected the late result to be accepted, got {other:?}"),
+    }
+    match s
+        .complete(lb.lease_id, MINER_B, &result(MINER_B, 2), T0 + 2300)
+        .await
+    {
+        Ok(CompleteOutcome::Duplicate(task)) => assert_eq!(task.result, Some(ra)),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+
+    // Lapsed and not reaped yet.
+    let t2 = enqueue(&s, sess.id).await;
+    let l2 = lease_one(&s, MINER_A, T0 + 3000).await;
+    assert_eq!(l2.task.id, t2.id);
+    let accepted = s
+        .complete(
+            l2.lease_id,
+            MINER_A,
+            &result(MINER_A, 3),
+            T0 + 3000 + 10 * TTL,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(accepted, CompleteOutcome::Accepted(_)));
+    assert_eq!(s.get_task(t2.id).await.unwrap().state, TaskState::Completed);
+    // Nothing left to reap.
+    assert_eq!(s.reap(T0 + 100 * TTL).await.unwrap(), Default::default());
+}
+
+async fn cancel(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let leased = enqueue(&s, sess.id).await;
+    let l = lease_one(&s, MINER_A, T0).await;
+    let queued = enqueue(&s, sess.id).await;
+    assert_eq!(
+        s.queue_depth().await.unwrap(),
+        QueueDepth {
+            queued: 1,
+            leased: 1
+        }
+    );
+
+    let mut rx = s.subscribe();
+    let c = s.cancel(queued.id, T0 + 1).await.unwrap();
+    assert_eq!(c.state, TaskState::Cancelled);
+    assert_eq!(c.finished_at_ms, Some(T0 + 1));
+    assert!(c.error_code.is_some());
+    let again = s.cancel(queued.id, T0 + 2).await.unwrap();
+    assert_eq!(again, c, "cancelling a cancelled task changes nothing");
+    let c2 = s.cancel(leased.id, T0 + 3).await.unwrap();
+    assert_eq!(c2.state, TaskState::Cancelled);
+    assert_eq!(
+        drain(&mut rx)
+            .into_iter()
+            .filter(|e| matches!(e, StoreEvent::TaskFinished { .. }))
+            .count(),
+        2
+    );
+    expect_conflict(
+        s.complete(l.lease_id, MINER_A, &result(MINER_A, 1), T0 + 4)
+            .await,
+        "task_final",
+    );
+    expect_conflict(
+        s.heartbeat(l.lease_id, MINER_A, T0 + 4, TTL).await,
+        "lease_not_held",
+    );
+    assert_eq!(s.queue_depth().await.unwrap(), Default::default());
+    assert!(lease(&s, MINER_A, T0 + 5).await.is_none());
+
+    let done = enqueue(&s, sess.id).await;
+    let dl = lease_one(&s, MINER_A, T0 + 6).await;
+    s.complete(dl.lease_id, MINER_A, &result(MINER_A, 2), T0 + 7)
+        .await
+        .unwrap();
+    expect_conflict(s.cancel(done.id, T0 + 8).await, "task_final");
+    expect_not_found(s.cancel(Uuid::now_v7(), T0).await, "task");
+}
+
+async fn events_reach_subscribers(s: Arc<dyn Store>, _b: &Backend) {
+    let mut rx = s.subscribe();
+    let sess = session(&s, public()).await;
+    let t = s.enqueue(&new_task(sess.id, "model-e", T0)).await.unwrap();
+    wait_for(&mut rx, |e| *e == available("model-e")).await;
+    s.cancel(t.id, T0 + 1).await.unwrap();
+    wait_for(&mut rx, |e| *e == finished(t.id)).await;
+}
+
+fn audit_entry(i: i64) -> NewAuditEntry {
+    NewAuditEntry {
+        at_ms: T0 + i,
+        actor: if i % 2 == 0 {
+            "router".into()
+        } else {
+            format!("key:{}", Uuid::from_u128(i as u128))
+        },
+        action: "task.enqueue".into(),
+        session_id: (i % 3 != 0).then(|| Uuid::from_u128(1000 + i as u128)),
+        task_id: (i % 2 == 0).then(|| Uuid::from_u128(2000 + i as u128)),
+        miner: (i % 4 == 1).then(|| MINER_A.to_string()),
+        key_version: (i % 3 == 1).then_some(i as u32),
+        // Keys deliberately unsorted and nested.
+        detail: serde_json::json!({
+            "zeta": i,
+            "alpha": { "y": [1, 2, {"b": true, "a": null}], "x": "prompt_hash:ab12" },
+            "mid": format!("{i:04}"),
+        }),
+    }
+}
+
+async fn audit_chain(s: Arc<dyn Store>, _b: &Backend) {
+    assert_eq!(verify_audit_chain(s.as_ref()).await.unwrap(), 0);
+    let mut written: Vec<AuditEntry> = vec![];
+    for i in 0..5 {
+        let e = s.audit(&audit_entry(i)).await.unwrap();
+        assert_eq!(e.seq, i + 1);
+        assert_eq!(e.entry, audit_entry(i));
+        let prev = written.last().map_or([0u8; 32], |p| p.hash);
+        assert_eq!(e.prev_hash, prev);
+        assert_eq!(e.hash, audit_hash(e.seq, &e.entry, &e.prev_hash));
+        written.push(e);
+    }
+    let empty = s
+        .audit(&NewAuditEntry {
+            at_ms: T0,
+            actor: "operator".into(),
+            action: "router.start".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(empty.seq, 6);
+    written.push(empty);
+
+    assert_eq!(s.audit_entries(0, 100).await.unwrap(), written);
+    assert_eq!(s.audit_entries(0, 2).await.unwrap(), written[..2].to_vec());
+    assert_eq!(s.audit_entries(2, 3).await.unwrap(), written[2..5].to_vec());
+    assert!(s.audit_entries(6, 10).await.unwrap().is_empty());
+    assert_eq!(verify_audit_chain(s.as_ref()).await.unwrap(), 6);
+}
+
+async fn audit_tampering_is_detected(s: Arc<dyn Store>, b: &Backend) {
+    for i in 0..4 {
+        s.audit(&audit_entry(i)).await.unwrap();
+    }
+    assert_eq!(verify_audit_chain(s.as_ref()).await.unwrap(), 4);
+    let n = b
+        .exec(r#"UPDATE audit_log SET detail = '{"zeta":99}' WHERE seq = 3"#)
+        .await;
+    assert_eq!(n, 1);
+    match verify_audit_chain(s.as_ref()).await {
+        Err(StoreError::AuditChain { seq: 3, .. }) => {}
+        other => panic!("expected the chain to break at seq 3, got {other:?}"),
+    }
+}
+
+async fn audit_appends_stay_linear_under_concurrency(s: Arc<dyn Store>, b: &Backend) {
+    let replica = b.replica().await;
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for w in 0..6i64 {
+        let store = if w % 2 == 0 {
+            s.clone()
+        } else {
+            replica.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                store.audit(&audit_entry(w * 100 + i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!(
+        "{}: 120 audit appends from 6 writers on 2 stores in {:?}",
+        if b.is_postgres() {
+            "postgres"
+        } else {
+            "sqlite"
+        },
+        started.elapsed()
+    );
+    assert_eq!(verify_audit_chain(s.as_ref()).await.unwrap(), 120);
+    let seqs: Vec<i64> = s
+        .audit_entries(0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=120).collect::<Vec<_>>());
+}
+
+async fn concurrent_leasing_leases_every_task_once(s: Arc<dyn Store>, b: &Backend) {
+    const TASKS: usize = 200;
+    const LEASERS: usize = 8;
+    let replica = b.replica().await;
+    let mut sessions = vec![];
+    for _ in 0..5 {
+        sessions.push(session(&s, public()).await.id);
+    }
+    let mut enqueued = HashSet::new();
+    for i in 0..TASKS {
+        let store = if i % 2 == 0 { &s } else { &replica };
+        let t = store
+            .enqueue(&new_task(sessions[i % sessions.len()], MODEL, T0))
+            .await
+            .unwrap();
+        enqueued.insert(t.id);
+    }
+
+    let started = Instant::now();
+    let mut leasers = vec![];
+    for w in 0..LEASERS {
+        let store = if w % 2 == 0 {
+            s.clone()
+        } else {
+            replica.clone()
+        };
+        leasers.push(tokio::spawn(async move {
+            let miner = format!("0x{w:040x}");
+            let mut got = vec![];
+            while let Some(l) = store
+                .lease(&query(&miner, &[MODEL], T0 + 1, TTL))
+                .await
+                .expect("lease")
+            {
+                assert_eq!(l.task.leased_by.as_deref(), Some(miner.as_str()));
+                got.push((l.task.id, l.lease_id, l.attempt));
+            }
+            got
+        }));
+    }
+    let mut leased = vec![];
+    let mut per_leaser = vec![];
+    for l in leasers {
+        let got = l.await.unwrap();
+        per_leaser.push(got.len());
+        leased.extend(got);
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{}: {TASKS} tasks leased by {LEASERS} concurrent leasers on 2 stores in {elapsed:?} \
+         (per leaser: {per_leaser:?})",
+        if b.is_postgres() {
+            "postgres"
+        } else {
+            "sqlite"
+        },
+    );
+    assert_eq!(leased.len(), TASKS, "every task leased, none twice");
+    let ids: HashSet<Uuid> = leased.iter().map(|(t, _, _)| *t).collect();
+    assert_eq!(ids, enqueued, "exactly the enqueued tasks");
+    assert!(leased.iter().all(|(_, _, attempt)| *attempt == 1));
+    let lease_ids: HashSet<Uuid> = leased.iter().map(|(_, l, _)| *l).collect();
+    assert_eq!(lease_ids.len(), TASKS);
+    let depth = s.queue_depth().await.unwrap();
+    assert_eq!((depth.queued, depth.leased), (0, TASKS as u64));
+}
+
+async fn events_cross_replicas_(a: Arc<dyn Store>, b: &Backend) {
+    let replica = b.replica().await;
+    let mut on_b = replica.subscribe();
+    let mut on_a = a.subscribe();
+    let mut all_on_a = a.subscribe();
+    let mut enqueues = 0;
+    // The listener of a fresh store may still be connecting: retry the first enqueue's wake-up.
+    let sess = session(&a, public()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = a.enqueue(&new_task(sess.id, "model-r", T0)).await.unwrap();
+        enqueues += 1;
+        let got = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                if let Ok(e) = on_b.recv().await
+                    && e == available("model-r")
+                {
+                    return;
+                }
+            }
+        })
+        .await;
+        if got.is_ok() {
+            // And TaskFinished the other way round: a change on B wakes A.
+            replica.cancel(t.id, T0 + 1).await.unwrap();
+            wait_for(&mut on_a, |e| *e == finished(t.id)).await;
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica B never saw replica A's TaskAvailable"
+        );
+    }
+    // A replica does not see its own events twice (local publish + its own NOTIFY).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let own = drain(&mut all_on_a);
+    let availables = own.iter().filter(|e| **e == available("model-r")).count();
+    assert_eq!(
+        availables, enqueues,
+        "one TaskAvailable per enqueue on the same replica"
+    );
+}
+
+async fn listener_reconnects(a: Arc<dyn Store>, b: &Backend) {
+    let replica = b.replica().await;
+    let mut on_b = replica.subscribe();
+    let sess = session(&a, public()).await;
+    // Make sure B listens, then cut every LISTEN connection of this database.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        a.enqueue(&new_task(sess.id, "model-w", T0)).await.unwrap();
+        let ok = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                if let Ok(e) = on_b.recv().await
+                    && e == available("model-w")
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok();
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica B never listened");
+    }
+    let killed = b
+        .exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        )
+        .await;
+    assert!(killed >= 1, "terminated the listeners' connections");
+    let _ = drain(&mut on_b);
+    a.enqueue(&new_task(sess.id, "model-after", T0))
+        .await
+        .unwrap();
+    wait_for(&mut on_b, |e| *e == available("model-after")).await;
+}

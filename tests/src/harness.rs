@@ -1,0 +1,215 @@
+//! In-process routers and miners for end-to-end tests.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use alloy_signer_local::PrivateKeySigner;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use veil_router::AppState;
+use veil_router::config::{Config, Settings};
+
+/// A router serving on a loopback port in this process.
+#[derive(Debug)]
+pub struct TestRouter {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Admin API key (created on first start), if this start created one.
+    pub admin: Option<String>,
+    /// Its state (for direct store checks).
+    pub state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestRouter {
+    /// Starts a router with `settings` (a data dir is required for embedded defaults).
+    pub async fn start(settings: Settings) -> TestRouter {
+        Self::start_with(settings, None).await
+    }
+
+    /// Starts a router with a blob store built by the caller.
+    pub async fn start_with(
+        settings: Settings,
+        blobs: Option<veil_blobstore::BlobStore>,
+    ) -> TestRouter {
+        let cfg = Config::from_settings(settings).expect("valid test settings");
+        let started = veil_router::server::prepare_with(cfg, blobs)
+            .await
+            .expect("router starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let state = started.state.clone();
+        let join = tokio::spawn(async move {
+            let _ = veil_router::server::serve(started.state, listener, async move {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        TestRouter {
+            url,
+            admin: started.admin_secret,
+            state,
+            stop: Some(tx),
+            join: Some(join),
+        }
+    }
+
+    /// Embedded defaults under `dir`, with fast leases for tests.
+    pub fn settings(dir: &std::path::Path) -> Settings {
+        Settings {
+            data_dir: Some(dir.to_path_buf()),
+            lease_ttl_ms: Some(2_000),
+            completion_timeout_ms: Some(30_000),
+            shutdown_grace_ms: Some(1_000),
+            ..Settings::default()
+        }
+    }
+
+    /// Stops serving and waits for the server task.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(j) = self.join.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), j).await;
+        }
+    }
+
+    /// The admin key (panics when this start did not create one).
+    pub fn admin(&self) -> &str {
+        self.admin
+            .as_deref()
+            .expect("first start created an admin key")
+    }
+
+    /// POSTs JSON with a bearer key; returns status and JSON body.
+    pub async fn post(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
+        let r = http()
+            .post(format!("{}{}", self.url, path))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// GETs with a bearer key.
+    pub async fn get(&self, key: &str, path: &str) -> (u16, Value) {
+        let r = http()
+            .get(format!("{}{}", self.url, path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Creates a private session allowing `miners`; returns its id.
+    pub async fn private_session(&self, key: &str, miners: &[String]) -> String {
+        let (s, v) = self
+            .post(
+                key,
+                "/api/v2/sessions",
+                &json!({"private": true, "allowed_miners": miners}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        v["id"].as_str().expect("id").to_string()
+    }
+
+    /// The audit log entries with `action`.
+    pub async fn audit(&self, action: &str) -> Vec<Value> {
+        let (s, v) = self.get(self.admin(), "/api/admin/audit?limit=1000").await;
+        assert_eq!(s, 200, "{v}");
+        v["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["action"] == action)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A shared HTTP client.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client")
+}
+
+/// A miner with a fresh wallet and identity running `engine` against `router_url`.
+pub fn miner(
+    router_url: &str,
+    engine: veil_miner::InstantEngine,
+) -> (veil_miner::WorkerHandle, String) {
+    let wallet = PrivateKeySigner::random();
+    let address = wallet.address().to_checksum(None);
+    let worker = veil_miner::Worker::builder()
+        .router_url(router_url)
+        .wallet(wallet)
+        .identity(veil_keys::X25519Secret::generate().expect("rng"))
+        .engine(engine)
+        .concurrency(4)
+        .lease_wait(Duration::from_secs(2))
+        .heartbeat_interval(Duration::from_millis(300))
+        .build()
+        .expect("worker");
+    (worker.spawn(), address)
+}
+
+/// A fresh wallet address and signer.
+pub fn wallet() -> (PrivateKeySigner, String) {
+    let w = PrivateKeySigner::random();
+    let a = w.address().to_checksum(None);
+    (w, a)
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
