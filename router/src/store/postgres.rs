@@ -195,7 +195,7 @@ async fn listen(pool: PgPool, events: broadcast::Sender<StoreEvent>, origin: Uui
                     catch_up(&pool, &events).await;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %db_err(e), "store events: listener failed; reconnecting");
+                    tracing::warn!(error = %db_err(e), "store events: listener failed; reconnect");
                     break;
                 }
             }
@@ -665,7 +665,8 @@ impl Store for PgStore {
                 "INSERT INTO tasks (id, session_id, prompt_urn, prompt_hash, prompt_scope, \
                  key_version, model, params, state, attempts, max_attempts, created_at_ms, \
                  deadline_ms, submitted_by) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $11, $12) RETURNING ",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $11, $12) \
+             RETURNING ",
                 task_columns!()
             ))
             .bind(t.id)
@@ -752,8 +753,8 @@ impl Store for PgStore {
             .map_err(db_err)?
             .into_task()?;
             sqlx::query(
-                "INSERT INTO leases (lease_id, task_id, miner, attempt, created_at_ms, expires_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO leases (lease_id, task_id, miner, attempt, created_at_ms, \
+                 expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(req.lease_id)
             .bind(task.id)
@@ -773,12 +774,13 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-            Ok((Some(LeasedTask {
-            lease_id: req.lease_id,
-            lease_expires_at_ms: expires,
-            attempt: task.attempts,
-            task,
-        }), Vec::new()))
+            let leased = LeasedTask {
+                lease_id: req.lease_id,
+                lease_expires_at_ms: expires,
+                attempt: task.attempts,
+                task,
+            };
+            Ok((Some(leased), Vec::new()))
         }
         .await;
         self.settle(tx, r).await
@@ -814,7 +816,7 @@ impl Store for PgStore {
     }
 
     async fn active_lease(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<LeasedTask> {
-        // Read-only, but in one transaction so lease and task are seen together.
+        // Reads only; the task row is locked for the moment so that lease and task agree.
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let r = async {
             let (lease, task) = active(&mut tx, lease_id, miner, now_ms).await?;
@@ -826,7 +828,8 @@ impl Store for PgStore {
 
     async fn lease_record(&self, lease_id: Uuid, miner: &str) -> Result<LeaseRecord> {
         let row = sqlx::query_as::<_, LeaseRow>(
-            "SELECT lease_id, task_id, miner, attempt, expires_at_ms FROM leases WHERE lease_id = $1",
+            "SELECT lease_id, task_id, miner, attempt, expires_at_ms FROM leases \
+             WHERE lease_id = $1",
         )
         .bind(lease_id)
         .fetch_optional(&self.pool)
@@ -965,8 +968,10 @@ impl Store for PgStore {
                  UPDATE tasks t SET \
                    state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END, \
                    error_code = CASE WHEN attempts >= max_attempts THEN $2 ELSE error_code END, \
-                   error_message = CASE WHEN attempts >= max_attempts THEN $3 ELSE error_message END, \
-                   finished_at_ms = CASE WHEN attempts >= max_attempts THEN $1 ELSE finished_at_ms END, \
+                   error_message = \
+                     CASE WHEN attempts >= max_attempts THEN $3 ELSE error_message END, \
+                   finished_at_ms = \
+                     CASE WHEN attempts >= max_attempts THEN $1 ELSE finished_at_ms END, \
                    lease_expires_at_ms = NULL \
                  FROM due WHERE t.id = due.id RETURNING t.id, t.state, t.model",
             )

@@ -69,11 +69,23 @@ impl SqliteStore {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal);
-            SqlitePoolOptions::new()
-                .max_connections(MAX_CONNECTIONS)
-                .connect_with(opts)
-                .await
-                .map_err(db_err)?
+            // Switching a new file to WAL needs a moment alone with it; when another process
+            // (or store) opens it at the same time, SQLite answers "busy" without waiting.
+            let mut tries = 0u32;
+            loop {
+                match SqlitePoolOptions::new()
+                    .max_connections(MAX_CONNECTIONS)
+                    .connect_with(opts.clone())
+                    .await
+                {
+                    Ok(pool) => break pool,
+                    Err(e) if is_busy(&e) && tries < 20 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(10 * u64::from(tries))).await;
+                    }
+                    Err(e) => return Err(db_err(e)),
+                }
+            }
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(Self { pool, events })
@@ -111,6 +123,17 @@ impl SqliteStore {
             let _ = self.events.send(e);
         }
         Ok(())
+    }
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED, with or without an extended code.
+fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
+        _ => false,
     }
 }
 
@@ -571,7 +594,8 @@ impl Store for SqliteStore {
                 "INSERT INTO tasks (id, session_id, prompt_urn, prompt_hash, prompt_scope, \
                  key_version, model, params, state, attempts, max_attempts, created_at_ms, \
                  deadline_ms, submitted_by) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $11, $12) RETURNING ",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $11, $12) \
+             RETURNING ",
                 task_columns!()
             ))
             .bind(t.id)
@@ -659,8 +683,8 @@ impl Store for SqliteStore {
             .map_err(db_err)?
             .into_task()?;
             sqlx::query(
-                "INSERT INTO leases (lease_id, task_id, miner, attempt, created_at_ms, expires_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO leases (lease_id, task_id, miner, attempt, created_at_ms, \
+                 expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(req.lease_id)
             .bind(task.id)
@@ -680,12 +704,13 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-            Ok((Some(LeasedTask {
-            lease_id: req.lease_id,
-            lease_expires_at_ms: expires,
-            attempt: task.attempts,
-            task,
-        }), Vec::new()))
+            let leased = LeasedTask {
+                lease_id: req.lease_id,
+                lease_expires_at_ms: expires,
+                attempt: task.attempts,
+                task,
+            };
+            Ok((Some(leased), Vec::new()))
         }
         .await;
         self.settle(tx, r).await
@@ -733,7 +758,8 @@ impl Store for SqliteStore {
 
     async fn lease_record(&self, lease_id: Uuid, miner: &str) -> Result<LeaseRecord> {
         let row = sqlx::query_as::<_, LeaseRow>(
-            "SELECT lease_id, task_id, miner, attempt, expires_at_ms FROM leases WHERE lease_id = $1",
+            "SELECT lease_id, task_id, miner, attempt, expires_at_ms FROM leases \
+             WHERE lease_id = $1",
         )
         .bind(lease_id)
         .fetch_optional(&self.pool)
@@ -869,8 +895,10 @@ impl Store for SqliteStore {
                 "UPDATE tasks SET \
                    state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END, \
                    error_code = CASE WHEN attempts >= max_attempts THEN $2 ELSE error_code END, \
-                   error_message = CASE WHEN attempts >= max_attempts THEN $3 ELSE error_message END, \
-                   finished_at_ms = CASE WHEN attempts >= max_attempts THEN $1 ELSE finished_at_ms END, \
+                   error_message = \
+                     CASE WHEN attempts >= max_attempts THEN $3 ELSE error_message END, \
+                   finished_at_ms = \
+                     CASE WHEN attempts >= max_attempts THEN $1 ELSE finished_at_ms END, \
                    lease_expires_at_ms = NULL \
                  WHERE state = 'leased' AND lease_expires_at_ms <= $1 RETURNING id, state, model",
             )
