@@ -322,7 +322,8 @@ impl fmt::Debug for Worker {
     }
 }
 
-/// How long a task whose heartbeat was refused may still finish a submission in flight.
+/// How long a task whose heartbeat was refused may still finish a result submission that was
+/// already in flight.
 const LOST_SETTLE: Duration = Duration::from_secs(2);
 
 /// Aborts a spawned task when dropped.
@@ -660,7 +661,8 @@ impl Runtime {
                 .heartbeat(lease.clone(), lost.clone())
                 .in_current_span(),
         ));
-        let work = self.work(&lease);
+        let submitting = std::sync::atomic::AtomicBool::new(false);
+        let work = self.work(&lease, &submitting);
         tokio::pin!(work);
         let res = tokio::select! {
             biased;
@@ -669,9 +671,13 @@ impl Runtime {
             _ = lost.cancelled() => {
                 // A heartbeat is refused also when the router has just accepted our result
                 // (the lease ends with the task): let a submission in flight finish first.
-                match tokio::time::timeout(LOST_SETTLE, &mut work).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Error::LeaseLost("heartbeat refused".into())),
+                if submitting.load(std::sync::atomic::Ordering::SeqCst) {
+                    match tokio::time::timeout(LOST_SETTLE, &mut work).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Error::LeaseLost("heartbeat refused".into())),
+                    }
+                } else {
+                    Err(Error::LeaseLost("heartbeat refused".into()))
                 }
             }
         };
@@ -750,7 +756,11 @@ impl Runtime {
     }
 
     /// Key, prompt, engine, sealed result, signed completion. Returns the completion status.
-    async fn work(&self, lease: &Lease) -> Result<String> {
+    async fn work(
+        &self,
+        lease: &Lease,
+        submitting: &std::sync::atomic::AtomicBool,
+    ) -> Result<String> {
         if lease.prompt_scope != Scope::Task.as_byte() {
             return Err(Error::UnsupportedPromptScope(lease.prompt_scope));
         }
@@ -764,6 +774,7 @@ impl Runtime {
         let prompt = self.open_prompt(lease, &k_task).await?;
         let (produced, receipt) = self.generate_and_upload(lease, &k_task, prompt).await?;
         drop(k_task);
+        submitting.store(true, std::sync::atomic::Ordering::SeqCst);
         self.complete(
             lease,
             &receipt,
