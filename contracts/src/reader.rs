@@ -199,6 +199,11 @@ impl AclView {
             .cloned()
     }
 
+    /// The ids of every session registered on chain, closed ones included, in byte order.
+    pub fn session_ids(&self) -> Vec<[u8; 16]> {
+        self.read().state.sessions.keys().copied().collect()
+    }
+
     /// The miners that may serve the session now (allowlisted and active); `None` when the
     /// session is not registered, empty when it is closed.
     pub fn allowed_miners(&self, session: impl SessionKey) -> Option<Vec<Address>> {

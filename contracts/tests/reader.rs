@@ -167,6 +167,9 @@ async fn applies_every_kind_of_event_like_the_contract() {
     assert!(!view.miner(c.m2).unwrap().active);
     assert!(view.session(sid(3)).unwrap().closed);
     assert_eq!(view.is_allowed(sid(3), c.m1), Some(false), "closed");
+    let ids = view.session_ids();
+    assert!(ids.contains(&sid(2)) && ids.contains(&sid(3)), "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
 
     // The followed state equals a fresh load at the same block.
     let mut fresh = reader(&c, ReaderConfig::new(c.contract).with_confirmations(0));

@@ -11,6 +11,8 @@ use alloy_primitives::Address;
 use alloy_signer::Signer;
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -105,6 +107,7 @@ pub struct WorkerBuilder {
     identity: Option<X25519Secret>,
     engine: Option<Arc<dyn Engine>>,
     concurrency: usize,
+    lease_pollers: usize,
     lease_wait: Duration,
     lease_models: Option<Vec<String>>,
     expected_chain_id: Option<u64>,
@@ -137,6 +140,7 @@ impl Default for WorkerBuilder {
             identity: None,
             engine: None,
             concurrency: 1,
+            lease_pollers: DEFAULT_LEASE_POLLERS,
             lease_wait: Duration::from_secs(20),
             lease_models: None,
             expected_chain_id: None,
@@ -204,6 +208,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// Lease requests in flight at once, each holding a free task slot (default 4, never more
+    /// than `concurrency`). One request at a time caps a miner at one lease per round trip; a
+    /// few in parallel let a fast engine keep all its slots busy.
+    pub fn lease_pollers(mut self, n: usize) -> Self {
+        self.lease_pollers = n;
+        self
+    }
+
     /// How long one lease long-poll waits (default 20 s; capped by the router's `max_wait_ms`).
     pub fn lease_wait(mut self, wait: Duration) -> Self {
         self.lease_wait = wait;
@@ -268,6 +280,9 @@ impl WorkerBuilder {
         if self.concurrency == 0 {
             return Err(Error::Config("concurrency must be at least 1".into()));
         }
+        if self.lease_pollers == 0 {
+            return Err(Error::Config("lease_pollers must be at least 1".into()));
+        }
         let engine = self.engine.ok_or_else(|| missing("engine"))?;
         let models: Vec<String> = engine.models().into_iter().map(|m| m.name).collect();
         if models.is_empty() {
@@ -280,6 +295,7 @@ impl WorkerBuilder {
             engine,
             settings: Settings {
                 concurrency: self.concurrency,
+                lease_pollers: self.lease_pollers.min(self.concurrency),
                 lease_wait: self.lease_wait,
                 lease_models: self.lease_models,
                 expected_chain_id: self.expected_chain_id,
@@ -294,6 +310,7 @@ impl WorkerBuilder {
 #[derive(Debug, Clone)]
 struct Settings {
     concurrency: usize,
+    lease_pollers: usize,
     lease_wait: Duration,
     lease_models: Option<Vec<String>>,
     expected_chain_id: Option<u64>,
@@ -420,20 +437,24 @@ impl Worker {
         let mut backoff: Option<backon::ExponentialBackoff> = None;
         let mut fatal = None;
 
+        // Up to `lease_pollers` lease requests in flight, each holding the slot its task will run in.
+        let mut polls = FuturesUnordered::new();
         loop {
-            let permit = tokio::select! {
+            while polls.len() < rt.settings.lease_pollers {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    break;
+                };
+                let rt = rt.clone();
+                polls.push(async move { (permit, rt.lease_once().await) });
+            }
+            let (permit, leased) = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     summary.record(done.unwrap_or(TaskOutcome::Errored));
                     continue;
                 }
-                p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            };
-            let leased = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                r = rt.lease_once() => r,
+                Some(polled) = polls.next(), if !polls.is_empty() => polled,
             };
             match leased {
                 Ok(Some(lease)) => {
@@ -450,6 +471,7 @@ impl Worker {
                 Ok(None) => backoff = None,
                 // 409: a conflict of the moment (e.g. a lease limit); wait and ask again.
                 Err(e) if e.is_transient() || e.status() == Some(409) => {
+                    drop(permit);
                     let delay = backoff
                         .get_or_insert_with(|| rt.settings.backoff.without_max_times().build())
                         .next()
@@ -467,6 +489,9 @@ impl Worker {
                 }
             }
         }
+        // Lease requests still in flight are abandoned: a lease granted meanwhile expires at the
+        // router and its task goes back to the queue.
+        drop(polls);
 
         info!(in_flight = tasks.len(), "stopping: no more leases");
         let grace = tokio::time::sleep(rt.settings.grace);
@@ -490,6 +515,9 @@ impl Worker {
         }
     }
 }
+
+/// Lease requests in flight at once by default.
+pub(crate) const DEFAULT_LEASE_POLLERS: usize = 4;
 
 /// What tasks share while the worker runs.
 struct Runtime {

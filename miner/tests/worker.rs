@@ -69,6 +69,9 @@ struct MockState {
     completed: Vec<(Uuid, CompleteRequest)>,
     released: Vec<(Uuid, String)>,
     failed: Vec<(Uuid, String)>,
+    /// Lease requests in flight now, and the most seen at once.
+    polling: u32,
+    max_polling: u32,
 }
 
 #[derive(Clone, Default)]
@@ -208,16 +211,23 @@ async fn lease(
         return err(StatusCode::UNAUTHORIZED, "unauthorized");
     }
     assert!(req.wait_ms <= 1_000);
+    {
+        let mut s = m.state();
+        s.polling += 1;
+        s.max_polling = s.max_polling.max(s.polling);
+    }
     let deadline = Instant::now() + Duration::from_millis(req.wait_ms.min(200));
-    loop {
+    let answer = loop {
         if let Some(l) = m.state().queue.pop_front() {
-            return Json(l).into_response();
+            break Json(l).into_response();
         }
         if Instant::now() >= deadline {
-            return StatusCode::NO_CONTENT.into_response();
+            break StatusCode::NO_CONTENT.into_response();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    };
+    m.state().polling -= 1;
+    answer
 }
 
 async fn heartbeat(State(m): State<Mock>, headers: HeaderMap, Path(id): Path<String>) -> Response {
@@ -466,6 +476,43 @@ async fn completes_tasks_concurrently_with_signed_results() -> anyhow::Result<()
         assert_eq!(req.finish_reason, "length");
     }
     assert!(m.state().released.is_empty() && m.state().failed.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_lease_pollers_in_flight_within_free_slots() -> anyhow::Result<()> {
+    // Three pollers for eight slots: three lease requests at once, never more.
+    let (m, url) = start_mock().await;
+    let handle = worker(&url, PrivateKeySigner::random(), InstantEngine::default())
+        .concurrency(8)
+        .lease_pollers(3)
+        .build()?
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(m.state().max_polling, 3);
+    // Tasks still complete with several pollers.
+    for i in 0..6 {
+        m.add_task(&format!("prompt {i}"), TaskParams::default(), false);
+    }
+    wait_for(&m, |s| s.completed.len() == 6).await;
+    assert_eq!(handle.shutdown().await?.completed, 6);
+
+    // Pollers never exceed the free slots: two slots, default pollers (4).
+    let (m, url) = start_mock().await;
+    let handle = worker(&url, PrivateKeySigner::random(), InstantEngine::default())
+        .concurrency(2)
+        .build()?
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(m.state().max_polling, 2);
+    handle.shutdown().await?;
+
+    // Zero pollers is a configuration error.
+    let e = worker(&url, PrivateKeySigner::random(), InstantEngine::default())
+        .lease_pollers(0)
+        .build()
+        .expect_err("zero pollers");
+    assert!(e.to_string().contains("lease_pollers"), "{e}");
     Ok(())
 }
 

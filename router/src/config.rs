@@ -127,6 +127,29 @@ pub struct Settings {
     /// Graceful shutdown: how long to let in-flight requests finish, in ms [default: 10000].
     #[arg(long, env = "VEIL_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// JSON-RPC endpoint (`http(s)://` or `ws(s)://`) of the chain the ACL contract
+    /// (`acl_contract`) lives on. Setting it makes the contract the allowlist of every session
+    /// registered on chain [default: none, no on-chain ACL].
+    #[arg(long, env = "VEIL_ACL_RPC_URL")]
+    pub acl_rpc_url: Option<String>,
+    /// Blocks below the chain head before an ACL change is applied [default: 2].
+    #[arg(long, env = "VEIL_ACL_CONFIRMATIONS")]
+    pub acl_confirmations: Option<u64>,
+    /// How often the router polls the chain for ACL changes, in ms [default: 2000].
+    #[arg(long, env = "VEIL_ACL_POLL_INTERVAL_MS")]
+    pub acl_poll_interval_ms: Option<u64>,
+    /// Staleness bound, in ms: when the router's copy of the ACL is older than this, sessions
+    /// registered on chain fail closed (no new tasks, leases or keys) [default: 30000].
+    #[arg(long, env = "VEIL_ACL_MAX_STALENESS_MS")]
+    pub acl_max_staleness_ms: Option<u64>,
+    /// Where the ACL reader keeps its checkpoint between runs [default: `acl-checkpoint.json`
+    /// in the data dir].
+    #[arg(long, env = "VEIL_ACL_CHECKPOINT_PATH")]
+    pub acl_checkpoint_path: Option<PathBuf>,
+    /// Refuse a miner login whose X25519 key is not the one registered on chain for the miner
+    /// (or whose miner is not registered, or deactivated) [default: false].
+    #[arg(long, env = "VEIL_ACL_VERIFY_MINER_KEYS", num_args = 0..=1, default_missing_value = "true")]
+    pub acl_verify_miner_keys: Option<bool>,
 }
 
 /// Log output format.
@@ -181,6 +204,149 @@ pub struct Config {
     pub pinned_models: Vec<(String, String)>,
     /// Shutdown grace.
     pub shutdown_grace_ms: u64,
+    /// The on-chain ACL, when configured.
+    pub acl: Option<AclConfig>,
+}
+
+/// How the router follows the on-chain ACL contract. `Debug` shows the RPC URL redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AclConfig {
+    /// JSON-RPC endpoint. It may hold an API key: it is never logged, and
+    /// [`AclConfig::redacted_url`] is what is shown.
+    pub rpc_url: String,
+    /// The contract (the same address as the EIP-712 domain's `verifyingContract`).
+    pub contract: alloy_primitives::Address,
+    /// Blocks below the head before a change is applied.
+    pub confirmations: u64,
+    /// Poll interval.
+    pub poll_interval: std::time::Duration,
+    /// Past this age the view is stale and contract-backed sessions fail closed.
+    pub max_staleness: std::time::Duration,
+    /// Checkpoint file.
+    pub checkpoint_path: PathBuf,
+    /// Check miners' login keys against the chain.
+    pub verify_miner_keys: bool,
+}
+
+impl std::fmt::Debug for AclConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AclConfig")
+            .field("rpc_url", &self.redacted_url())
+            .field("contract", &self.contract)
+            .field("confirmations", &self.confirmations)
+            .field("poll_interval", &self.poll_interval)
+            .field("max_staleness", &self.max_staleness)
+            .field("checkpoint_path", &self.checkpoint_path)
+            .field("verify_miner_keys", &self.verify_miner_keys)
+            .finish()
+    }
+}
+
+impl AclConfig {
+    /// The RPC URL without its path, query or credentials (which often carry an API key).
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.rpc_url)
+    }
+
+    /// `text` with the RPC URL replaced by [`Self::redacted_url`] (transport errors quote it).
+    pub fn redact(&self, text: &str) -> String {
+        let full = self.rpc_url.trim_end_matches('/');
+        let shown = self.redacted_url();
+        if full.len() > shown.len() {
+            text.replace(full, &shown)
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// `scheme://host[:port]` of a URL, or `<unparsable URL>`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparsable URL>".into();
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    format!("{scheme}://{host}")
+}
+
+/// The on-chain ACL settings, or `None` when no RPC URL is set (the other `acl_*` settings are
+/// then refused, so that a half-configured ACL is noticed rather than silently ignored).
+fn acl_config(
+    s: &Settings,
+    contract: alloy_primitives::Address,
+    data_dir: &Path,
+) -> Result<Option<AclConfig>, ConfigError> {
+    let Some(rpc_url) = s
+        .acl_rpc_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    else {
+        let set = [
+            ("acl_confirmations", s.acl_confirmations.is_some()),
+            ("acl_poll_interval_ms", s.acl_poll_interval_ms.is_some()),
+            ("acl_max_staleness_ms", s.acl_max_staleness_ms.is_some()),
+            ("acl_checkpoint_path", s.acl_checkpoint_path.is_some()),
+            ("acl_verify_miner_keys", s.acl_verify_miner_keys.is_some()),
+        ];
+        if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(err(
+                name,
+                "needs acl_rpc_url (the on-chain ACL is not configured)",
+            ));
+        }
+        return Ok(None);
+    };
+    let scheme = rpc_url.split_once("://").map(|(s, _)| s);
+    if !matches!(scheme, Some("http" | "https" | "ws" | "wss")) {
+        return Err(err(
+            "acl_rpc_url",
+            format!(
+                "{}: must start with http://, https://, ws:// or wss://",
+                redact_url(rpc_url)
+            ),
+        ));
+    }
+    if contract.is_zero() {
+        return Err(err(
+            "acl_contract",
+            "the ACL contract address is required with acl_rpc_url",
+        ));
+    }
+    let confirmations = s.acl_confirmations.unwrap_or(2);
+    if confirmations > 1_000 {
+        return Err(err("acl_confirmations", "must be at most 1000"));
+    }
+    let poll_ms = s.acl_poll_interval_ms.unwrap_or(2_000);
+    if !(10..=3_600_000).contains(&poll_ms) {
+        return Err(err(
+            "acl_poll_interval_ms",
+            "must be between 10 and 3600000",
+        ));
+    }
+    let staleness_ms = s.acl_max_staleness_ms.unwrap_or(30_000);
+    if staleness_ms <= poll_ms {
+        return Err(err(
+            "acl_max_staleness_ms",
+            format!(
+                "must be larger than acl_poll_interval_ms ({poll_ms}), or the ACL is stale \
+                 between two polls; a few poll intervals is usual"
+            ),
+        ));
+    }
+    Ok(Some(AclConfig {
+        rpc_url: rpc_url.to_string(),
+        contract,
+        confirmations,
+        poll_interval: std::time::Duration::from_millis(poll_ms),
+        max_staleness: std::time::Duration::from_millis(staleness_ms),
+        checkpoint_path: s
+            .acl_checkpoint_path
+            .clone()
+            .unwrap_or_else(|| data_dir.join("acl-checkpoint.json")),
+        verify_miner_keys: s.acl_verify_miner_keys.unwrap_or(false),
+    }))
 }
 
 /// A configuration error, naming the setting at fault.
@@ -225,7 +391,13 @@ impl Settings {
             miner_token_ttl_secs,
             static_allowed_miners,
             pinned_models,
-            shutdown_grace_ms
+            shutdown_grace_ms,
+            acl_rpc_url,
+            acl_confirmations,
+            acl_poll_interval_ms,
+            acl_max_staleness_ms,
+            acl_checkpoint_path,
+            acl_verify_miner_keys
         )
     }
 }
@@ -247,7 +419,15 @@ impl Config {
 
     /// Resolves settings, applying defaults and validating.
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
-        let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from("veil-data"));
+        let data_dir = s
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("veil-data"));
+        let contract = match s.acl_contract.as_deref() {
+            None | Some("") => alloy_primitives::Address::ZERO,
+            Some(a) => veil_api::wire::parse_address(a).map_err(|e| err("acl_contract", e))?,
+        };
+        let acl = acl_config(&s, contract, &data_dir)?;
         let database_url = s
             .database_url
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("veil.db").display()));
@@ -270,10 +450,6 @@ impl Config {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => return Err(err("tls_cert", "tls_cert and tls_key go together")),
-        };
-        let contract = match s.acl_contract.as_deref() {
-            None | Some("") => alloy_primitives::Address::ZERO,
-            Some(a) => veil_api::wire::parse_address(a).map_err(|e| err("acl_contract", e))?,
         };
         let miner_token_ttl_secs = s.miner_token_ttl_secs.unwrap_or(3600);
         if miner_token_ttl_secs == 0 || miner_token_ttl_secs > 3600 {
@@ -334,6 +510,7 @@ impl Config {
             static_allowed_miners,
             pinned_models,
             shutdown_grace_ms: s.shutdown_grace_ms.unwrap_or(10_000),
+            acl,
         })
     }
 
@@ -403,5 +580,95 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.setting, "static_allowed_miners");
+    }
+
+    const CONTRACT: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
+
+    fn acl(f: impl FnOnce(&mut Settings)) -> Result<Config, ConfigError> {
+        let mut s = Settings {
+            data_dir: Some(PathBuf::from("/srv/veil")),
+            acl_contract: Some(CONTRACT.into()),
+            acl_rpc_url: Some("https://rpc.example.org/v2/SECRETKEY?x=1".into()),
+            ..Default::default()
+        };
+        f(&mut s);
+        Config::from_settings(s)
+    }
+
+    #[test]
+    fn acl_settings_resolve_with_defaults() {
+        assert_eq!(
+            Config::from_settings(Settings::default()).unwrap().acl,
+            None
+        );
+        let c = acl(|_| {}).unwrap().acl.unwrap();
+        assert_eq!(c.contract.to_checksum(None), CONTRACT);
+        assert_eq!(c.confirmations, 2);
+        assert_eq!(c.poll_interval.as_millis(), 2000);
+        assert_eq!(c.max_staleness.as_millis(), 30_000);
+        assert_eq!(
+            c.checkpoint_path,
+            PathBuf::from("/srv/veil/acl-checkpoint.json")
+        );
+        assert!(!c.verify_miner_keys);
+        assert_eq!(c.redacted_url(), "https://rpc.example.org");
+        assert!(
+            !format!("{c:?}").contains("SECRETKEY"),
+            "print-config shows no API key"
+        );
+        assert_eq!(
+            c.redact("error sending request for url (https://rpc.example.org/v2/SECRETKEY?x=1)"),
+            "error sending request for url (https://rpc.example.org)"
+        );
+
+        let cli = Cli::try_parse_from([
+            "veil-router",
+            "--acl-contract",
+            CONTRACT,
+            "--acl-rpc-url",
+            "ws://127.0.0.1:8545",
+            "--acl-confirmations",
+            "0",
+            "--acl-verify-miner-keys",
+        ])
+        .unwrap();
+        let c = Config::resolve(&cli).unwrap().acl.unwrap();
+        assert_eq!(c.confirmations, 0);
+        assert!(c.verify_miner_keys);
+    }
+
+    #[test]
+    fn bad_acl_settings_name_the_setting() {
+        let setting = |f: fn(&mut Settings)| acl(f).unwrap_err().setting;
+        assert_eq!(setting(|s| s.acl_contract = None), "acl_contract");
+        assert_eq!(
+            setting(|s| s.acl_rpc_url = Some("ftp://rpc.example.org".into())),
+            "acl_rpc_url"
+        );
+        assert_eq!(
+            setting(|s| s.acl_max_staleness_ms = Some(1_000)),
+            "acl_max_staleness_ms",
+            "not above the 2 s poll interval"
+        );
+        assert_eq!(
+            setting(|s| s.acl_poll_interval_ms = Some(0)),
+            "acl_poll_interval_ms"
+        );
+        assert_eq!(
+            setting(|s| s.acl_confirmations = Some(100_000)),
+            "acl_confirmations"
+        );
+        assert_eq!(
+            setting(|s| {
+                s.acl_rpc_url = None;
+                s.acl_verify_miner_keys = Some(true);
+            }),
+            "acl_verify_miner_keys",
+            "an ACL setting without the RPC URL is refused"
+        );
+        // The API key in the URL's path never reaches an error message.
+        let e =
+            acl(|s| s.acl_rpc_url = Some("gopher://rpc.example.org/SECRETKEY".into())).unwrap_err();
+        assert!(!e.to_string().contains("SECRETKEY"), "{e}");
     }
 }

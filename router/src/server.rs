@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use veil_blobstore::BlobStore;
 use veil_keys::Keyring;
 
+use crate::acl::Acl;
 use crate::api::admin::{CreateKeyRequest, create_api_key};
 use crate::config::Config;
 use crate::state::{AppState, now_ms};
@@ -40,6 +41,9 @@ pub enum StartError {
     /// Listening or TLS.
     #[error("listen: {0}")]
     Listen(String),
+    /// The on-chain ACL (RPC endpoint, checkpoint file).
+    #[error("acl_rpc_url: {0}")]
+    Acl(String),
 }
 
 /// The process-wide Prometheus recorder (installed once; several routers in one test process
@@ -124,7 +128,12 @@ pub async fn prepare_with(cfg: Config, blobs: Option<BlobStore>) -> Result<Start
     let embedded_db = cfg.database_url.starts_with("sqlite:");
     let local_blobs = blobs.is_none()
         && (!cfg.blob_store.contains("://") || cfg.blob_store.starts_with("file://"));
-    if embedded_db || local_blobs || cfg.keyring_path.starts_with(&cfg.data_dir) {
+    let acl_in_data_dir = cfg
+        .acl
+        .as_ref()
+        .is_some_and(|a| a.checkpoint_path.starts_with(&cfg.data_dir));
+    if embedded_db || local_blobs || acl_in_data_dir || cfg.keyring_path.starts_with(&cfg.data_dir)
+    {
         ensure_private_dir(&cfg.data_dir)?;
     }
     let (keyring, created) = load_keyring(&cfg)?;
@@ -146,7 +155,15 @@ pub async fn prepare_with(cfg: Config, blobs: Option<BlobStore>) -> Result<Start
         None => BlobStore::from_url(&cfg.blob_store)
             .map_err(|e| StartError::BlobStore(e.to_string()))?,
     };
-    let state = AppState::new(cfg, store, blobs, keyring, metrics_handle());
+    let acl = match &cfg.acl {
+        Some(acl_cfg) => Some(Acl::open(acl_cfg.clone()).await.map_err(|e| {
+            // Transport errors may quote the URL, whose path or query often holds an API key.
+            let message = acl_cfg.redact(&e.to_string());
+            StartError::Acl(format!("{}: {message}", acl_cfg.redacted_url()))
+        })?),
+        None => None,
+    };
+    let state = AppState::new(cfg, store, blobs, keyring, metrics_handle(), acl);
     let mut admin_secret = None;
     let n = state
         .store
@@ -186,54 +203,59 @@ pub async fn prepare_with(cfg: Config, blobs: Option<BlobStore>) -> Result<Start
 }
 
 /// Background work: returns expired leases to the queue (or dead-letters them), fails tasks
-/// past their deadline, and prunes used nonces. Runs until the returned handle is aborted.
+/// past their deadline, prunes used nonces, and (when configured) follows the on-chain ACL and
+/// mirrors it into the store. Runs until the returned handle is aborted.
 pub fn spawn_background(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(store::DEFAULT_REAP_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut n: u64 = 0;
-        loop {
-            tick.tick().await;
-            n += 1;
-            match state.store.reap(now_ms()).await {
-                Ok(r) => {
-                    if !r.requeued.is_empty() {
-                        metrics::counter!("veil_leases_expired_total")
-                            .increment(r.requeued.len() as u64);
-                    }
-                    if !r.dead.is_empty() {
-                        metrics::counter!("veil_tasks_dead_total").increment(r.dead.len() as u64);
-                    }
-                    for (action, ids) in [
-                        ("lease.expire", &r.requeued),
-                        ("task.dead", &r.dead),
-                        ("task.deadline", &r.deadline_failed),
-                    ] {
-                        for id in ids {
-                            let _ = state
-                                .store
-                                .audit(&NewAuditEntry {
-                                    at_ms: now_ms(),
-                                    actor: "router".into(),
-                                    action: action.into(),
-                                    task_id: Some(*id),
-                                    detail: serde_json::json!({}),
-                                    ..Default::default()
-                                })
-                                .await;
-                            tracing::info!(task_id = %id, action, "reaper");
-                        }
+        tokio::join!(crate::acl::follow(state.clone()), reaper(state));
+    })
+}
+
+async fn reaper(state: AppState) {
+    let mut tick = tokio::time::interval(store::DEFAULT_REAP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        match state.store.reap(now_ms()).await {
+            Ok(r) => {
+                if !r.requeued.is_empty() {
+                    metrics::counter!("veil_leases_expired_total")
+                        .increment(r.requeued.len() as u64);
+                }
+                if !r.dead.is_empty() {
+                    metrics::counter!("veil_tasks_dead_total").increment(r.dead.len() as u64);
+                }
+                for (action, ids) in [
+                    ("lease.expire", &r.requeued),
+                    ("task.dead", &r.dead),
+                    ("task.deadline", &r.deadline_failed),
+                ] {
+                    for id in ids {
+                        let _ = state
+                            .store
+                            .audit(&NewAuditEntry {
+                                at_ms: now_ms(),
+                                actor: "router".into(),
+                                action: action.into(),
+                                task_id: Some(*id),
+                                detail: serde_json::json!({}),
+                                ..Default::default()
+                            })
+                            .await;
+                        tracing::info!(task_id = %id, action, "reaper");
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
             }
-            if n.is_multiple_of(120)
-                && let Err(e) = state.store.prune_nonces(now_ms()).await
-            {
-                tracing::warn!(error = %e, "nonce pruning failed");
-            }
+            Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
         }
-    })
+        if n.is_multiple_of(120)
+            && let Err(e) = state.store.prune_nonces(now_ms()).await
+        {
+            tracing::warn!(error = %e, "nonce pruning failed");
+        }
+    }
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then lets in-flight requests finish

@@ -34,6 +34,8 @@ pub struct Inner {
     pub relay: Relay,
     /// Prometheus exposition.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The on-chain ACL, when configured.
+    pub acl: Option<crate::acl::Acl>,
 }
 
 impl AppState {
@@ -44,6 +46,7 @@ impl AppState {
         blobs: BlobStore,
         keyring: Keyring,
         metrics: metrics_exporter_prometheus::PrometheusHandle,
+        acl: Option<crate::acl::Acl>,
     ) -> Self {
         Self(Arc::new(Inner {
             cfg,
@@ -53,6 +56,7 @@ impl AppState {
             limits: Limits::default(),
             relay: Relay::default(),
             metrics,
+            acl,
         }))
     }
 }

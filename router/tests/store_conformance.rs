@@ -158,6 +158,7 @@ suite!(
     lease_is_fifo_within_a_session,
     lease_filters_by_model,
     private_session_allowlist,
+    stale_acl_skips_contract_sessions,
     closed_and_expired_sessions_are_not_leased,
     close_session_cancels_open_tasks,
     deadlines,
@@ -312,6 +313,7 @@ fn query(miner: &str, models: &[&str], now_ms: i64, ttl_ms: i64) -> LeaseQuery {
         now_ms,
         ttl_ms,
         lease_id: Uuid::now_v7(),
+        skip_contract_sessions: false,
     }
 }
 
@@ -774,6 +776,45 @@ async fn private_session_allowlist(s: Arc<dyn Store>, _b: &Backend) {
     enqueue(&s, sess.id).await;
     assert!(lease(&s, MINER_A, T0).await.is_none());
     assert!(lease(&s, MINER_B, T0).await.is_none());
+}
+
+async fn stale_acl_skips_contract_sessions(s: Arc<dyn Store>, _b: &Backend) {
+    let contract = PrivacySetting {
+        source: AllowlistSource::Contract,
+        ..private(&[MINER_A])
+    };
+    let on_chain = session(&s, contract).await;
+    let pub_sess = session(&s, public()).await;
+    let router_private = session(&s, private(&[MINER_A])).await;
+    let t_chain = enqueue(&s, on_chain.id).await;
+    let t_pub = enqueue(&s, pub_sess.id).await;
+    let t_router = enqueue(&s, router_private.id).await;
+
+    // Stale: the contract-backed session is skipped; the others are served.
+    let stale = |miner: &str| {
+        let mut q = query(miner, &[MODEL], T0, TTL);
+        q.skip_contract_sessions = true;
+        q
+    };
+    let mut got = vec![];
+    while let Some(l) = s.lease(&stale(MINER_A)).await.unwrap() {
+        got.push(l.task.id);
+    }
+    got.sort();
+    let mut want = vec![t_pub.id, t_router.id];
+    want.sort();
+    assert_eq!(got, want, "everything but the contract-backed session");
+    assert_eq!(
+        s.get_task(t_chain.id).await.unwrap().state,
+        TaskState::Queued
+    );
+
+    // Fresh again: its allowlist applies as for any private session.
+    assert!(
+        lease(&s, MINER_B, T0).await.is_none(),
+        "not on its allowlist"
+    );
+    assert_eq!(lease_one(&s, MINER_A, T0).await.task.id, t_chain.id);
 }
 
 async fn closed_and_expired_sessions_are_not_leased(s: Arc<dyn Store>, _b: &Backend) {

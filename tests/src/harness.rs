@@ -169,17 +169,28 @@ pub fn miner(
 ) -> (veil_miner::WorkerHandle, String) {
     let wallet = PrivateKeySigner::random();
     let address = wallet.address().to_checksum(None);
+    let identity = veil_keys::X25519Secret::generate().expect("rng");
+    (miner_as(router_url, engine, wallet, identity), address)
+}
+
+/// A miner with the given wallet and X25519 identity running `engine` against `router_url`.
+pub fn miner_as(
+    router_url: &str,
+    engine: veil_miner::InstantEngine,
+    wallet: PrivateKeySigner,
+    identity: veil_keys::X25519Secret,
+) -> veil_miner::WorkerHandle {
     let worker = veil_miner::Worker::builder()
         .router_url(router_url)
         .wallet(wallet)
-        .identity(veil_keys::X25519Secret::generate().expect("rng"))
+        .identity(identity)
         .engine(engine)
         .concurrency(4)
         .lease_wait(Duration::from_secs(2))
         .heartbeat_interval(Duration::from_millis(300))
         .build()
         .expect("worker");
-    (worker.spawn(), address)
+    worker.spawn()
 }
 
 /// A fresh wallet address and signer.

@@ -73,7 +73,10 @@ async fn audit(state: &AppState, e: NewAuditEntry) -> ApiResult<()> {
 /// Log in with a signed `MinerLogin`; the answer is a bearer token bound to the recovered
 /// address and the X25519 key in the message.
 #[utoipa::path(post, path = "/api/miner/login", tag = "miner", request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse), (status = 401, body = veil_api::ErrorBody), (status = 409, body = veil_api::ErrorBody)))]
+    responses((status = 200, body = LoginResponse), (status = 401, body = veil_api::ErrorBody),
+              (status = 403, description = "refused by the on-chain ACL (miner_not_registered, miner_deactivated, miner_key_mismatch)", body = veil_api::ErrorBody),
+              (status = 409, body = veil_api::ErrorBody),
+              (status = 503, description = "acl_stale: the router's copy of the on-chain ACL is too old to check the key", body = veil_api::ErrorBody)))]
 async fn login(
     State(state): State<AppState>,
     Json(req): Json<LoginRequest>,
@@ -98,6 +101,7 @@ async fn login(
         }
     }
     let recipient = X25519Public::from_bytes(req.login.message.recipient.0);
+    crate::acl::check_login(&state, signer, &req.login.message.recipient.0).await?;
     let miner = signer.to_checksum(None);
     state
         .store
@@ -233,9 +237,16 @@ async fn lease(
             now_ms: now_ms(),
             ttl_ms: state.cfg.lease_ttl_ms as i64,
             lease_id: Uuid::now_v7(),
+            skip_contract_sessions: crate::acl::skip_contract_sessions(&state),
         };
+        let t_lease = std::time::Instant::now();
         if let Some(l) = state.store.lease(&q).await? {
             metrics::counter!("veil_leases_granted_total").increment(1);
+            // How long the task waited in the queue before this lease (first attempt only).
+            if l.attempt == 1 {
+                metrics::histogram!("veil_router_step_seconds", "step" => "queue_wait")
+                    .record((q.now_ms - l.task.created_at_ms).max(0) as f64 / 1e3);
+            }
             audit(
                 &state,
                 NewAuditEntry {
@@ -250,6 +261,8 @@ async fn lease(
                 },
             )
             .await?;
+            metrics::histogram!("veil_router_step_seconds", "step" => "lease")
+                .record(t_lease.elapsed().as_secs_f64());
             return Ok(Json(lease_json(&state, &l)).into_response());
         }
         // Wait for a task of one of our models (any replica), or poll again now and then in
@@ -416,7 +429,8 @@ async fn deny(
 /// The task key, wrapped to the miner's login key, for a signed `KeyRequest` (task scope).
 #[utoipa::path(post, path = "/api/miner/leases/{lease_id}/key", tag = "miner", security(("miner_token" = [])),
     params(("lease_id" = Uuid, Path,)), request_body = Signed<KeyRequest>,
-    responses((status = 200, body = WrappedKey), (status = 401, body = veil_api::ErrorBody), (status = 403, body = veil_api::ErrorBody)))]
+    responses((status = 200, body = WrappedKey), (status = 401, body = veil_api::ErrorBody), (status = 403, body = veil_api::ErrorBody),
+              (status = 503, description = "acl_stale: the session's allowlist comes from the contract and the router's copy of it is too old", body = veil_api::ErrorBody)))]
 async fn key(
     State(state): State<AppState>,
     Miner(m): Miner,
@@ -520,17 +534,21 @@ async fn key(
         )
         .await);
     }
-    if !session.allows(&m.miner) {
-        return Err(deny(
+    // Contract-backed sessions are decided on the live view of the chain.
+    if let Err(r) = crate::acl::may_receive_key(&state, &session, &m.miner, &m.recipient) {
+        let mut e = deny(
             &state,
             &m.miner,
             lease_id,
             Some(t),
-            "not_allowed",
-            "this miner is not allowed for the session".into(),
+            r.code,
+            r.message,
             "message.sessionId",
         )
-        .await);
+        .await;
+        e.status = r.status;
+        e.retry_after = r.retry_after;
+        return Err(e);
     }
     state
         .store

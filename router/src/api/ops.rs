@@ -35,9 +35,10 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
 }
 
 /// Prometheus metrics: requests by route and status, latencies, queue depth, leases expired,
-/// keys released, ACL denials.
+/// keys released, ACL denials, and the on-chain ACL's staleness and blocks.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    crate::acl::export_metrics(&state);
     if let Ok(depth) = state.store.queue_depth().await {
         metrics::gauge!("veil_queue_depth", "state" => "queued").set(depth.queued as f64);
         metrics::gauge!("veil_queue_depth", "state" => "leased").set(depth.leased as f64);

@@ -396,7 +396,7 @@ async fn resolve_session(
         && let Ok(s) = state.store.get_session(id).await
         && s.is_open(now)
     {
-        return Ok(s);
+        return crate::acl::reconcile(state, s).await;
     }
     let s = new_session(
         state,
@@ -467,7 +467,9 @@ async fn owned_session(
     field: &str,
 ) -> ApiResult<Session> {
     match state.store.get_session(id).await {
-        Ok(s) if s.owner == caller.owner() => Ok(s),
+        // A session registered on chain since the last mirror pass takes the chain's
+        // allowlist before anything else looks at it.
+        Ok(s) if s.owner == caller.owner() => crate::acl::reconcile(state, s).await,
         Ok(_) | Err(crate::store::StoreError::NotFound { .. }) => {
             Err(ApiError::not_found("session").param(field))
         }
@@ -729,7 +731,9 @@ async fn set_privacy(
     request_body = CompletionRequest,
     responses((status = 200, description = "chat.completion, or text/event-stream of chat.completion.chunk when stream is true", body = Object),
               (status = 400, body = veil_api::ErrorBody), (status = 401, body = veil_api::ErrorBody),
-              (status = 429, body = veil_api::ErrorBody), (status = 504, description = "no result in time; the task id is in the message and x-veil-task-id", body = veil_api::ErrorBody)))]
+              (status = 429, body = veil_api::ErrorBody),
+              (status = 503, description = "acl_stale: the session's allowlist comes from the ACL contract and the router's copy of it is too old", body = veil_api::ErrorBody),
+              (status = 504, description = "no result in time; the task id is in the message and x-veil-task-id", body = veil_api::ErrorBody)))]
 async fn completions(
     State(state): State<AppState>,
     caller: Caller,
@@ -782,6 +786,7 @@ async fn complete_request(
     let v = validate(parsed?)?;
     let t0 = std::time::Instant::now();
     let session = resolve_session(&state, &caller, v.session_id).await?;
+    crate::acl::check_new_task(&state, &session)?;
     if v.want_private && !session.privacy.private {
         return Err(ApiError::invalid(
             "routing_preferences.privacy_level",
@@ -956,11 +961,14 @@ async fn open_result(
         .result_urn
         .parse()
         .map_err(|e| ApiError::internal("parsing a result URN", e))?;
+    let t_get = std::time::Instant::now();
     let blob = state
         .blobs
         .get(&urn, &r.result_hash)
         .await
         .map_err(|e| super::miner::blob_error("reading the result", e))?;
+    metrics::histogram!("veil_router_step_seconds", "step" => "result_get")
+        .record(t_get.elapsed().as_secs_f64());
     let t = std::time::Instant::now();
     let opened = veil_keys::open(k_task, &blob).map_err(|e| {
         ApiError::new(

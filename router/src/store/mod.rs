@@ -144,7 +144,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get_task(&self, id: Uuid) -> Result<Task>;
     /// Leases the next task for `miner`, atomically: only `queued` tasks whose model is in
     /// `models`, whose deadline has not passed, and whose session is open and either public or
-    /// lists `miner` among its allowed miners. Fair across sessions (the session served least
+    /// lists `miner` among its allowed miners, skipping contract-backed sessions when
+    /// `skip_contract_sessions` is set. Fair across sessions (the session served least
     /// recently goes first), FIFO within a session. Increments `attempts`.
     async fn lease(&self, req: &LeaseQuery) -> Result<Option<LeasedTask>>;
     /// Extends a lease held by `miner`; `Conflict(lease_not_held | lease_expired)` otherwise.

@@ -352,6 +352,9 @@ pub struct LeaseQuery {
     pub ttl_ms: i64,
     /// The new lease's id.
     pub lease_id: Uuid,
+    /// Skip sessions whose allowlist comes from the ACL contract (the router's copy of the
+    /// chain is stale: they fail closed).
+    pub skip_contract_sessions: bool,
 }
 
 /// A leased task.

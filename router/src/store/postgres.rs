@@ -725,12 +725,14 @@ impl Store for PgStore {
                    AND (s.expires_at_ms IS NULL OR s.expires_at_ms > $2) \
                    AND (NOT s.private OR EXISTS (SELECT 1 FROM session_miners m \
                         WHERE m.session_id = s.id AND m.miner = $3)) \
+                   AND NOT ($4 AND s.allowlist_source = 'contract') \
                  ORDER BY COALESCE(ss.last_served, 0), t.seq LIMIT 1 \
                  FOR UPDATE OF t SKIP LOCKED",
             )
             .bind(&req.models)
             .bind(req.now_ms)
             .bind(&req.miner)
+            .bind(req.skip_contract_sessions)
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?;

@@ -1,9 +1,11 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
 //! Every state change runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single
-//! write lock up front: writers (connections of this pool, or other processes on the same file)
-//! queue on the busy timeout instead of failing on a lock upgrade, so leases are exclusive and
-//! the audit chain linear. Events are published in-process, after the commit.
+//! write lock up front, so leases are exclusive and the audit chain linear. Within a process,
+//! writers go through one dedicated connection and queue for it in order (SQLite's own busy
+//! handler waits by sleeping, which wastes most of the time under load); reads use a separate
+//! pool and run in parallel with the writer (WAL). Other processes on the same file still
+//! queue on the busy timeout. Events are published in-process, after the commit.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -32,7 +34,7 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How long a writer waits for the write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections per pool (WAL readers run in parallel; writers take turns).
+/// Read connections per store (WAL readers run in parallel with the writer).
 const MAX_CONNECTIONS: u32 = 8;
 /// Buffered events per subscriber before it lags.
 const EVENT_CAPACITY: usize = 1024;
@@ -40,7 +42,10 @@ const EVENT_CAPACITY: usize = 1024;
 /// [`Store`] on an SQLite database file (or in memory, for tests).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads.
     pool: SqlitePool,
+    /// Writes: one connection, so in-process writers queue in order instead of on the lock.
+    writer: SqlitePool,
     events: broadcast::Sender<StoreEvent>,
 }
 
@@ -53,16 +58,17 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let pool = if in_memory {
+        let (pool, writer) = if in_memory {
             // Every connection of an in-memory database must stay open, or its data goes.
-            SqlitePoolOptions::new()
+            let pool = SqlitePoolOptions::new()
                 .max_connections(1)
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
                 .connect_with(opts)
                 .await
-                .map_err(db_err)?
+                .map_err(db_err)?;
+            (pool.clone(), pool)
         } else {
             create_private_file(opts.get_filename())?;
             let opts = opts
@@ -72,9 +78,10 @@ impl SqliteStore {
             // Switching a new file to WAL needs a moment alone with it; when another process
             // (or store) opens it at the same time, SQLite answers "busy" without waiting.
             let mut tries = 0u32;
-            loop {
+            let writer = loop {
                 match SqlitePoolOptions::new()
-                    .max_connections(MAX_CONNECTIONS)
+                    .max_connections(1)
+                    .min_connections(1)
                     .connect_with(opts.clone())
                     .await
                 {
@@ -85,15 +92,25 @@ impl SqliteStore {
                     }
                     Err(e) => return Err(db_err(e)),
                 }
-            }
+            };
+            let pool = SqlitePoolOptions::new()
+                .max_connections(MAX_CONNECTIONS)
+                .connect_with(opts)
+                .await
+                .map_err(db_err)?;
+            (pool, writer)
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        Ok(Self { pool, events })
+        Ok(Self {
+            pool,
+            writer,
+            events,
+        })
     }
 
     /// A write transaction holding SQLite's write lock from its first statement.
     async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.pool
+        self.writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err)
@@ -266,7 +283,7 @@ impl Store for SqliteStore {
         // on the first run. The loser retries and then finds the migrations applied.
         let mut tries = 0;
         loop {
-            match MIGRATOR.run(&self.pool).await {
+            match MIGRATOR.run(&self.writer).await {
                 Ok(()) => return Ok(()),
                 Err(_) if tries < 3 => {
                     tries += 1;
@@ -435,7 +452,7 @@ impl Store for SqliteStore {
         .bind(i64::from(k.rate_per_minute))
         .bind(i64::from(k.max_concurrent))
         .bind(k.created_at_ms)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.writer)
         .await
         .map_err(insert_err("api_key"))?;
         row.into_api_key()
@@ -476,7 +493,7 @@ impl Store for SqliteStore {
         ))
         .bind(id)
         .bind(now_ms)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(db_err)?;
         found(row, "api_key")?.into_api_key()
@@ -522,7 +539,7 @@ impl Store for SqliteStore {
         .bind(sql::models_json(&m.models)?)
         .bind(m.created_at_ms)
         .bind(m.expires_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(insert_err("miner_session"))?;
         Ok(())
@@ -561,7 +578,7 @@ impl Store for SqliteStore {
         .bind(signer)
         .bind(&nonce[..])
         .bind(expires_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         if done.rows_affected() == 0 {
@@ -573,7 +590,7 @@ impl Store for SqliteStore {
     async fn prune_nonces(&self, now_ms: i64) -> Result<u64> {
         let done = sqlx::query("DELETE FROM nonces WHERE expires_at_ms < $1")
             .bind(now_ms)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         Ok(done.rows_affected())
@@ -656,11 +673,13 @@ impl Store for SqliteStore {
                    AND (s.expires_at_ms IS NULL OR s.expires_at_ms > $2) \
                    AND (NOT s.private OR EXISTS (SELECT 1 FROM session_miners m \
                         WHERE m.session_id = s.id AND m.miner = $3)) \
+                   AND NOT ($4 AND s.allowlist_source = 'contract') \
                  ORDER BY COALESCE(ss.last_served, 0), t.seq LIMIT 1",
             )
             .bind(models)
             .bind(req.now_ms)
             .bind(&req.miner)
+            .bind(req.skip_contract_sessions)
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?;
