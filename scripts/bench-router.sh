@@ -40,10 +40,13 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 log "building release binaries"
-cargo build --release --locked -q -p veil-router -p veil-tests --bin veil-router --bin instant-miners
+cargo build --release --locked -q -p veil-router -p veil-miner --bin veil-router --bin veil-miner
 target=${CARGO_TARGET_DIR:-$root/target}
 ROUTER=$target/release/veil-router
-MINERS=$target/release/instant-miners
+MINER=$target/release/veil-miner
+# A throwaway wallet for the miner: the router's default chain is a local dev chain (31337).
+BENCH_MINER_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+export BENCH_MINER_KEY
 
 work=$(mktemp -d)
 pids=()
@@ -152,8 +155,9 @@ for backend in $BACKENDS; do
     curl -sf "http://$VEIL_LISTEN/readyz" >/dev/null && break
     sleep 0.1
   done
-  "$MINERS" --router "http://$VEIL_LISTEN" --miners 1 --concurrency "$MINER_CONCURRENCY" --model "$MODEL" \
-    >"$work/miner-$backend.log" 2>&1 &
+  VEIL_LOG=warn "$MINER" --router-url "http://$VEIL_LISTEN" --dev-key-env BENCH_MINER_KEY \
+    --engine instant --model "$MODEL" --concurrency "$MINER_CONCURRENCY" --lease-wait-ms 5000 \
+    --data-dir "$work/miner-$backend" >"$work/miner-$backend.log" 2>&1 &
   miner_pid=$!
   pids+=("$miner_pid")
   # A request that must succeed before load starts (the miner has logged in).

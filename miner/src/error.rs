@@ -91,6 +91,17 @@ pub enum Error {
     /// The grace period ended with the task still running.
     #[error("grace period of {0:?} ran out")]
     GraceExpired(Duration),
+    /// A setting of the `veil-miner` command is wrong (it names the setting).
+    #[error(transparent)]
+    Settings(#[from] crate::config::ConfigError),
+    /// A model's files are missing or unreadable.
+    #[error("model {path}: {detail}")]
+    Model {
+        /// The file or directory at fault.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 impl Error {
@@ -122,6 +133,8 @@ impl Error {
             Error::Reauthenticated => "reauthenticated",
             Error::Crashed(_) => "worker_crashed",
             Error::GraceExpired(_) => "shutdown",
+            Error::Settings(_) => "config",
+            Error::Model { .. } => "model_unreadable",
         }
     }
 

@@ -41,20 +41,26 @@ impl InstantEngine {
     /// `max_tokens` when the task does not say.
     pub const DEFAULT_MAX_TOKENS: u32 = 16;
 
-    /// An engine serving the given model names.
+    /// An engine serving the given model names (reported at login without a hash).
     pub fn new<I, S>(models: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
+        Self::serving(models.into_iter().map(|name| ServedModel {
+            name: name.into(),
+            sha256: None,
+        }))
+    }
+
+    /// An engine serving the given models, reported at login as given (with the SHA-256 of
+    /// their files, which a router that pins the model checks).
+    pub fn serving<I>(models: I) -> Self
+    where
+        I: IntoIterator<Item = ServedModel>,
+    {
         Self {
-            models: models
-                .into_iter()
-                .map(|name| ServedModel {
-                    name: name.into(),
-                    sha256: None,
-                })
-                .collect(),
+            models: models.into_iter().collect(),
             default_max_tokens: Self::DEFAULT_MAX_TOKENS,
             token_delay: Duration::ZERO,
             fail_after: None,

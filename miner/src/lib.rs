@@ -1,9 +1,13 @@
 #![doc = include_str!("../README.md")]
 
+pub mod cli;
 mod client;
+pub mod config;
 mod engine;
 mod error;
+pub mod identity;
 mod instant;
+pub mod model;
 mod pipeline;
 pub mod sign;
 mod worker;
