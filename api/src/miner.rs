@@ -25,7 +25,9 @@ pub struct MinerConfig {
     pub max_wait_ms: u64,
 }
 
-/// A model a miner serves, with the SHA-256 of its files (see [`model_digest`]).
+/// A model a miner serves, with the SHA-256 of its files: for a single file its `sha256sum`; for
+/// a directory the SHA-256 of the `sha256sum` manifest of its files sorted by relative path (the
+/// operator guide, docs/miner.md, shows how to reproduce it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServedModel {
@@ -233,14 +235,3 @@ pub struct ChatMessage {
 
 // A result blob's plaintext is the generated UTF-8 text; each sealed chunk is the text produced
 // since the previous flush, so a streaming reader can emit one delta per authenticated chunk.
-
-/// SHA-256 over a model's files, in the order given: for each file `lp32(name) || lp64(len) ||
-/// bytes`, where `name` is its path relative to the model directory. Computed by miners and
-/// compared by routers that pin model hashes.
-pub fn model_digest_prefix(name: &str, len: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(12 + name.len());
-    out.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out
-}

@@ -409,8 +409,18 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
-                toml::from_str::<Settings>(&text)
-                    .map_err(|e| err("--config", format!("{}: {}", path.display(), e.message())))?
+                let shown = path.display();
+                let de = toml::Deserializer::parse(&text)
+                    .map_err(|e| err("--config", format!("{shown}: {}", e.message())))?;
+                // The path of the key at fault, which a bad value's message alone does not name.
+                serde_path_to_error::deserialize::<_, Settings>(de).map_err(|e| {
+                    let key = e.path().to_string();
+                    let message = e.inner().message().to_string();
+                    match key.as_str() {
+                        "." | "" => err("--config", format!("{shown}: {message}")),
+                        _ => err("--config", format!("{shown}: {key}: {message}")),
+                    }
+                })?
             }
             None => Settings::default(),
         };
@@ -561,6 +571,11 @@ mod tests {
         let e = Config::resolve(&cli).unwrap_err();
         assert_eq!(e.setting, "--config");
         assert!(e.message.contains("listn"), "{e}");
+        // A value of the wrong type names its key too.
+        std::fs::write(&file, "lease_ttl_ms = \"soon\"\n").unwrap();
+        let e = Config::resolve(&cli).unwrap_err();
+        assert_eq!(e.setting, "--config");
+        assert!(e.message.contains("lease_ttl_ms: "), "{e}");
 
         let e = Config::from_settings(Settings {
             miner_token_ttl_secs: Some(7200),
