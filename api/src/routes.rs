@@ -25,6 +25,10 @@ pub const V2_SESSION: &str = "/api/v2/sessions/{session_id}";
 pub const V2_SESSION_CLOSE: &str = "/api/v2/sessions/{session_id}/close";
 /// A session's privacy settings.
 pub const V2_SESSION_PRIVACY: &str = "/api/v2/sessions/{session_id}/privacy";
+/// A session's retention and sealing policy.
+pub const V2_SESSION_POLICY: &str = "/api/v2/sessions/{session_id}/policy";
+/// Public facts about this deployment (contract, storage, retention, key policy).
+pub const V2_DEPLOYMENT: &str = "/api/v2/deployment";
 
 /// Admin: API keys.
 pub const ADMIN_API_KEYS: &str = "/api/admin/api-keys";
@@ -34,6 +38,16 @@ pub const ADMIN_API_KEY: &str = "/api/admin/api-keys/{key_id}";
 pub const ADMIN_AUDIT: &str = "/api/admin/audit";
 /// Admin: verify the audit chain.
 pub const ADMIN_AUDIT_VERIFY: &str = "/api/admin/audit/verify";
+/// Admin: key status (versions, active, min-decrypt, times, blob counts; never seeds).
+pub const ADMIN_KEYS: &str = "/api/admin/keys";
+/// Admin: rotate to a new key version.
+pub const ADMIN_KEYS_ROTATE: &str = "/api/admin/keys/rotate";
+/// Admin: retire key versions up to one (`{"up_to": N}`).
+pub const ADMIN_KEYS_RETIRE: &str = "/api/admin/keys/retire";
+/// Admin: destroy a retired key version (`{"version": N, "confirm_blobs": M}`).
+pub const ADMIN_KEYS_DESTROY: &str = "/api/admin/keys/destroy";
+/// Admin: the rewrap job (GET progress, POST start).
+pub const ADMIN_KEYS_REWRAP: &str = "/api/admin/keys/rewrap";
 
 /// Miner: the deployment parameters a miner needs before logging in ([`crate::miner::MinerConfig`]).
 pub const MINER_CONFIG: &str = "/api/miner/config";

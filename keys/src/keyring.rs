@@ -369,10 +369,28 @@ impl Keyring {
 
     /// Loads a keyring file, refusing one that group or others can access.
     pub fn load(path: impl AsRef<Path>) -> Result<Keyring> {
-        let path = path.as_ref();
+        Self::load_checked(path.as_ref(), 0o077)
+    }
+
+    /// Loads a read-only keyring file mounted from a secret manager (a keyring document or a
+    /// bare hex seed). Symbolic links are followed (secret volumes swap them on update). Group
+    /// read access is allowed (secret volumes often grant it to the service's group); a file
+    /// that others can access is refused.
+    pub fn load_secret_file(path: impl AsRef<Path>) -> Result<Keyring> {
+        Self::load_checked(path.as_ref(), 0o007)
+    }
+
+    /// Loads `path`, refusing a non-regular file and any permission bit in `forbidden`.
+    fn load_checked(path: &Path, forbidden: u32) -> Result<Keyring> {
         let meta = fs::metadata(path).map_err(io_err("reading", path))?;
+        if !meta.is_file() {
+            return Err(Error::KeyringState(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if mode & forbidden != 0 {
             return Err(Error::KeyringPermissions {
                 path: path.display().to_string(),
                 mode,
@@ -380,6 +398,57 @@ impl Keyring {
         }
         let text = Zeroizing::new(fs::read_to_string(path).map_err(io_err("reading", path))?);
         Self::from_json(&text)
+    }
+
+    /// The lock file that serialises changes to the keyring file at `path`: `.NAME.lock` in
+    /// the same directory. The keyring file itself is replaced on every save, so it cannot
+    /// carry the lock.
+    pub fn lock_path(path: impl AsRef<Path>) -> PathBuf {
+        let path = path.as_ref();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "keyring".into());
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        dir.join(format!(".{name}.lock"))
+    }
+
+    /// Changes the keyring file at `path` safely against other processes doing the same (the
+    /// router's replicas, the operator CLI): takes an exclusive lock on
+    /// [`lock_path`](Self::lock_path) (waiting for it), loads the file as it is now, applies
+    /// `f`, saves the result atomically (mode 0600), and releases the lock. Returns the saved
+    /// keyring and `f`'s value. When `f` fails nothing is written.
+    ///
+    /// The file must exist: a missing keyring is an error here, never silently replaced by a
+    /// new one (that would orphan everything sealed under the old seeds).
+    pub fn update_file<T, E>(
+        path: impl AsRef<Path>,
+        f: impl FnOnce(&mut Keyring) -> std::result::Result<T, E>,
+    ) -> std::result::Result<(Keyring, T), E>
+    where
+        E: From<Error>,
+    {
+        let path = path.as_ref();
+        let lock_path = Self::lock_path(path);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("opening the lock file", &lock_path))?;
+        // Released when `lock` is closed, also on every error path below.
+        lock.lock()
+            .map_err(io_err("locking the lock file", &lock_path))?;
+        let mut ring = Self::load(path)?;
+        let value = f(&mut ring)?;
+        ring.save(path)?;
+        drop(lock);
+        Ok((ring, value))
     }
 
     /// Loads the keyring at `path`, or generates one and saves it there if the
@@ -579,6 +648,88 @@ mod tests {
             Keyring::load(&path),
             Err(Error::KeyringPermissions { mode: 0o644, .. })
         ));
+    }
+
+    #[test]
+    fn update_file_serialises_writers_and_keeps_the_file_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        assert!(
+            matches!(
+                Keyring::update_file(&path, |r| r.rotate()),
+                Err(Error::KeyringIo { .. })
+            ),
+            "a missing keyring is not created by a change"
+        );
+        let (ring, _) = Keyring::load_or_create(&path).unwrap();
+        let sid = Uuid::now_v7();
+        let k1 = ring.session_key(1, &sid).unwrap();
+
+        // Eight writers at once, each rotating once from what is on disk: none is lost.
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || Keyring::update_file(&path, |r| r.rotate()).unwrap().1)
+            })
+            .collect();
+        let mut got: Vec<u32> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, (2..=9).collect::<Vec<_>>());
+        let back = Keyring::load(&path).unwrap();
+        assert_eq!(back.active(), 9);
+        assert_eq!(
+            back.session_key(1, &sid).unwrap().expose_secret(),
+            k1.expose_secret(),
+            "older seeds are kept"
+        );
+        for p in [&path, &Keyring::lock_path(&path)] {
+            let mode = fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+
+        // A failing change writes nothing.
+        let before = fs::read(&path).unwrap();
+        let err = Keyring::update_file(&path, |r| r.retire(9)).unwrap_err();
+        assert!(matches!(err, Error::KeyringState(_)), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+
+        // The saved document is what the closure produced.
+        let (saved, ()) = Keyring::update_file(&path, |r| r.retire(3)).unwrap();
+        assert_eq!(saved.min_decrypt(), 4);
+        assert_eq!(Keyring::load(&path).unwrap().versions(), saved.versions());
+    }
+
+    #[test]
+    fn secret_files_allow_group_read_but_not_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        fs::write(&path, "ab".repeat(32)).unwrap();
+        for (mode, ok) in [
+            (0o400, true),
+            (0o440, true),
+            (0o640, true),
+            (0o644, false),
+            (0o604, false),
+        ] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let r = Keyring::load_secret_file(&path);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
+            if !ok {
+                assert!(matches!(r, Err(Error::KeyringPermissions { .. })));
+            }
+        }
+        // The writable keyring file allows neither.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            Keyring::load(&path),
+            Err(Error::KeyringPermissions { mode: 0o640, .. })
+        ));
+        // A symbolic link (as secret volumes use) is followed.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert_eq!(Keyring::load_secret_file(&link).unwrap().active(), 1);
+        // A directory is not a keyring.
+        assert!(Keyring::load_secret_file(dir.path()).is_err());
     }
 
     #[test]

@@ -53,6 +53,48 @@ pub enum Command {
     PrintConfig,
     /// Print the OpenAPI document (the copy in docs/openapi.json is made with this).
     Openapi,
+    /// Key lifecycle: status, rotate, retire, destroy, rewrap. Works on the configured keyring
+    /// file and database directly (a running router picks changes up within seconds).
+    Keys {
+        /// What to do.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// `veil-router keys …`. Nothing printed includes a seed.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Versions, their state, times and stored blob counts.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a new key version and make it active.
+    Rotate,
+    /// Retire every version up to and including N: their blobs stop opening.
+    Retire {
+        /// Highest version to retire (below the active one).
+        #[arg(long)]
+        up_to: u32,
+    },
+    /// Destroy a retired version's seed: its blobs become unreadable for good. Shows the
+    /// number of stored blobs affected and asks for confirmation.
+    Destroy {
+        /// The version.
+        #[arg(long)]
+        version: u32,
+        /// Do not ask (required without a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Re-seal router-sealed blobs of older versions under the active one. Resumable.
+    Rewrap {
+        /// Tasks per batch.
+        #[arg(long, default_value_t = crate::key_lifecycle::DEFAULT_REWRAP_BATCH)]
+        batch: u32,
+    },
 }
 
 /// Settings that can come from flags, the environment or the TOML file.
@@ -76,6 +118,11 @@ pub struct Settings {
     /// `VEIL_KEYRING` (the keyring document or a bare hex seed) takes precedence when set.
     #[arg(long, env = "VEIL_KEYRING_PATH")]
     pub keyring_path: Option<PathBuf>,
+    /// Read-only keyring file mounted from a secret manager (a keyring document or a bare hex
+    /// seed; readable by owner and group at most), used instead of `keyring_path` and reloaded
+    /// when it changes. Key changes are then made to the secret, not through the router.
+    #[arg(long = "keyring-secret-file", env = "VEIL_KEYRING_FILE")]
+    pub keyring_file: Option<PathBuf>,
     /// TLS certificate chain (PEM), to serve HTTPS without a proxy in front.
     #[arg(long, env = "VEIL_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -150,6 +197,25 @@ pub struct Settings {
     /// (or whose miner is not registered, or deactivated) [default: false].
     #[arg(long, env = "VEIL_ACL_VERIFY_MINER_KEYS", num_args = 0..=1, default_missing_value = "true")]
     pub acl_verify_miner_keys: Option<bool>,
+    /// Default retention for new sessions: delete a task's prompt blob once its result has been
+    /// delivered [default: true].
+    #[arg(long, env = "VEIL_RETENTION_PROMPT_ON_DELIVERY", num_args = 0..=1, default_missing_value = "true")]
+    pub retention_prompt_on_delivery: Option<bool>,
+    /// Default retention for new sessions: delete a prompt blob this many seconds after its task
+    /// was created; 0 keeps it [default: 86400].
+    #[arg(long, env = "VEIL_RETENTION_PROMPT_TTL_SECS")]
+    pub retention_prompt_ttl_secs: Option<u64>,
+    /// Default retention for new sessions: delete a result blob this many seconds after its task
+    /// finished; 0 keeps it [default: 86400].
+    #[arg(long, env = "VEIL_RETENTION_RESULT_TTL_SECS")]
+    pub retention_result_ttl_secs: Option<u64>,
+    /// Default retention for new sessions: delete a result blob once it has been delivered
+    /// (the first fetch) [default: false].
+    #[arg(long, env = "VEIL_RETENTION_RESULT_ON_FETCH", num_args = 0..=1, default_missing_value = "true")]
+    pub retention_result_on_fetch: Option<bool>,
+    /// How often the retention sweeper looks for blobs to delete, in ms [default: 5000].
+    #[arg(long, env = "VEIL_RETENTION_SWEEP_INTERVAL_MS")]
+    pub retention_sweep_interval_ms: Option<u64>,
 }
 
 /// Log output format.
@@ -176,6 +242,8 @@ pub struct Config {
     pub blob_store: String,
     /// Keyring file.
     pub keyring_path: PathBuf,
+    /// Read-only keyring file from a secret manager, used instead of `keyring_path`.
+    pub keyring_file: Option<PathBuf>,
     /// TLS (cert, key).
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Log format.
@@ -206,6 +274,10 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// The on-chain ACL, when configured.
     pub acl: Option<AclConfig>,
+    /// Retention policy of new sessions that do not name one.
+    pub default_retention: crate::store::RetentionPolicy,
+    /// Retention sweeper period.
+    pub retention_sweep_interval_ms: u64,
 }
 
 /// How the router follows the on-chain ACL contract. `Debug` shows the RPC URL redacted.
@@ -376,6 +448,7 @@ impl Settings {
             database_url,
             blob_store,
             keyring_path,
+            keyring_file,
             tls_cert,
             tls_key,
             log_format,
@@ -397,7 +470,12 @@ impl Settings {
             acl_poll_interval_ms,
             acl_max_staleness_ms,
             acl_checkpoint_path,
-            acl_verify_miner_keys
+            acl_verify_miner_keys,
+            retention_prompt_on_delivery,
+            retention_prompt_ttl_secs,
+            retention_result_ttl_secs,
+            retention_result_on_fetch,
+            retention_sweep_interval_ms
         )
     }
 }
@@ -495,6 +573,26 @@ impl Config {
                 .map_err(|e| err("pinned_models", format!("{name}: {e}")))?;
             pinned_models.push((name.to_string(), hash.to_string()));
         }
+        let ttl = |field: &str, v: Option<u64>| -> Result<Option<u64>, ConfigError> {
+            match v.unwrap_or(86_400) {
+                0 => Ok(None),
+                t if t > crate::store::MAX_RETENTION_SECS => Err(err(
+                    field,
+                    format!("must be at most {}", crate::store::MAX_RETENTION_SECS),
+                )),
+                t => Ok(Some(t)),
+            }
+        };
+        let default_retention = crate::store::RetentionPolicy {
+            delete_prompt_on_delivery: s.retention_prompt_on_delivery.unwrap_or(true),
+            prompt_ttl_secs: ttl("retention_prompt_ttl_secs", s.retention_prompt_ttl_secs)?,
+            result_ttl_secs: ttl("retention_result_ttl_secs", s.retention_result_ttl_secs)?,
+            delete_result_on_fetch: s.retention_result_on_fetch.unwrap_or(false),
+        };
+        let retention_sweep_interval_ms = s.retention_sweep_interval_ms.unwrap_or(5000);
+        if retention_sweep_interval_ms < 100 {
+            return Err(err("retention_sweep_interval_ms", "must be at least 100"));
+        }
         Ok(Config {
             listen: s
                 .listen
@@ -503,6 +601,7 @@ impl Config {
             database_url,
             blob_store,
             keyring_path,
+            keyring_file: s.keyring_file.filter(|p| !p.as_os_str().is_empty()),
             tls,
             log_format: s.log_format.unwrap_or_default(),
             domain: veil_api::Domain {
@@ -521,6 +620,8 @@ impl Config {
             pinned_models,
             shutdown_grace_ms: s.shutdown_grace_ms.unwrap_or(10_000),
             acl,
+            default_retention,
+            retention_sweep_interval_ms,
         })
     }
 
@@ -685,5 +786,55 @@ mod tests {
         let e =
             acl(|s| s.acl_rpc_url = Some("gopher://rpc.example.org/SECRETKEY".into())).unwrap_err();
         assert!(!e.to_string().contains("SECRETKEY"), "{e}");
+    }
+
+    #[test]
+    fn keyring_secret_file_and_keys_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "veil-router",
+            "--keyring-secret-file",
+            "/run/secrets/keyring",
+            "keys",
+            "destroy",
+            "--version",
+            "3",
+            "--yes",
+        ])
+        .unwrap();
+        let c = Config::resolve(&cli).unwrap();
+        assert_eq!(c.keyring_file, Some(PathBuf::from("/run/secrets/keyring")));
+        match cli.command {
+            Some(Command::Keys {
+                command:
+                    KeysCommand::Destroy {
+                        version: 3,
+                        yes: true,
+                    },
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["veil-router", "keys", "rewrap"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Keys {
+                command: KeysCommand::Rewrap { batch: 100 }
+            })
+        ));
+        assert!(Cli::try_parse_from(["veil-router", "keys", "retire"]).is_err());
+        // The TOML key, and an empty value meaning unset.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("router.toml");
+        std::fs::write(&file, "keyring_file = \"/srv/keyring\"\n").unwrap();
+        let cli = Cli::try_parse_from(["veil-router", "--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            Config::resolve(&cli).unwrap().keyring_file,
+            Some(PathBuf::from("/srv/keyring"))
+        );
+        let c = Config::from_settings(Settings {
+            keyring_file: Some(PathBuf::new()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.keyring_file, None);
     }
 }

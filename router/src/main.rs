@@ -42,6 +42,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", veil_router::openapi().to_pretty_json()?);
             Ok(())
         }
+        Command::Keys { command } => {
+            veil_router::key_lifecycle::run_cli(cfg, command).await?;
+            Ok(())
+        }
         Command::PrintConfig => {
             println!("{cfg:#?}");
             Ok(())

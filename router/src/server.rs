@@ -14,7 +14,7 @@ use veil_keys::Keyring;
 use crate::acl::Acl;
 use crate::api::admin::{CreateKeyRequest, create_api_key};
 use crate::config::Config;
-use crate::state::{AppState, now_ms};
+use crate::state::{AppState, KeyService, KeyringSource, now_ms};
 use crate::store::{self, NewAuditEntry, Store};
 
 /// Why the router could not start. Names the setting or resource at fault.
@@ -96,16 +96,46 @@ fn ensure_private_dir(path: &std::path::Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Loads the keyring: `VEIL_KEYRING` (document or bare hex seed) when set, else the file,
-/// created with mode 0600 on first start. A file readable by others is refused.
-pub fn load_keyring(cfg: &Config) -> Result<(Keyring, bool), StartError> {
-    if let Some(k) =
-        Keyring::from_env("VEIL_KEYRING").map_err(|e| StartError::Keyring(e.to_string()))?
-    {
-        return Ok((k, false));
+/// Loads the keyring and notes where it came from: `VEIL_KEYRING` (document or bare hex seed)
+/// when set, read-only; else the secret file `keyring_file`, read-only and reloaded on change
+/// (refused when others may read it); else the keyring file `keyring_path`, created with mode
+/// 0600 on first start (refused when group or others may access it). Returns whether the file
+/// was created.
+pub fn load_keyring(cfg: &Config) -> Result<(KeyService, bool), StartError> {
+    open_keyring(cfg, true)
+}
+
+/// As [`load_keyring`]; with `create` false a missing keyring file is an error instead of a new
+/// keyring (the operator commands must never start a new keyring by mistake).
+pub fn open_keyring(cfg: &Config, create: bool) -> Result<(KeyService, bool), StartError> {
+    let env = Keyring::from_env("VEIL_KEYRING").map_err(|e| StartError::Keyring(e.to_string()))?;
+    match (env, &cfg.keyring_file) {
+        (Some(_), Some(_)) => Err(StartError::Keyring(
+            "VEIL_KEYRING and keyring_file (VEIL_KEYRING_FILE, --keyring-secret-file) are both \
+             set; use one"
+                .into(),
+        )),
+        (Some(k), None) => Ok((KeyService::with_source(k, KeyringSource::Env), false)),
+        (None, Some(path)) => {
+            let k = Keyring::load_secret_file(path).map_err(|e| {
+                StartError::Keyring(format!("keyring_file {}: {e}", path.display()))
+            })?;
+            let source = KeyringSource::SecretFile(path.clone());
+            Ok((KeyService::with_source(k, source), false))
+        }
+        (None, None) => {
+            let path = &cfg.keyring_path;
+            let loaded = if create {
+                Keyring::load_or_create(path)
+            } else {
+                Keyring::load(path).map(|k| (k, false))
+            };
+            let (k, created) =
+                loaded.map_err(|e| StartError::Keyring(format!("{}: {e}", path.display())))?;
+            let source = KeyringSource::File(path.clone());
+            Ok((KeyService::with_source(k, source), created))
+        }
     }
-    Keyring::load_or_create(&cfg.keyring_path)
-        .map_err(|e| StartError::Keyring(format!("{}: {e}", cfg.keyring_path.display())))
 }
 
 /// A started router's state, and the admin API key secret when this start created it.
@@ -203,11 +233,16 @@ pub async fn prepare_with(cfg: Config, blobs: Option<BlobStore>) -> Result<Start
 }
 
 /// Background work: returns expired leases to the queue (or dead-letters them), fails tasks
-/// past their deadline, prunes used nonces, and (when configured) follows the on-chain ACL and
+/// past their deadline, prunes used nonces, deletes blobs by retention policy, and (when configured) follows the on-chain ACL and
 /// mirrors it into the store. Runs until the returned handle is aborted.
 pub fn spawn_background(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        tokio::join!(crate::acl::follow(state.clone()), reaper(state));
+        tokio::join!(
+            crate::acl::follow(state.clone()),
+            crate::retention::sweeper(state.clone()),
+            crate::key_lifecycle::watch_keyring(state.clone()),
+            reaper(state)
+        );
     })
 }
 

@@ -36,15 +36,20 @@ pub struct Inner {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The on-chain ACL, when configured.
     pub acl: Option<crate::acl::Acl>,
+    /// Wakes the retention sweeper early (a session closed, a result delivered).
+    pub retention_wake: tokio::sync::Notify,
+    /// This process's rewrap job (one at a time) and its progress.
+    pub rewrap: crate::key_lifecycle::RewrapTracker,
 }
 
 impl AppState {
-    /// Wraps the parts.
+    /// Wraps the parts. `keys` is a [`KeyService`] that knows where its keyring comes from, or
+    /// a bare [`Keyring`] (held in memory, read-only).
     pub fn new(
         cfg: Config,
         store: Arc<dyn Store>,
         blobs: BlobStore,
-        keyring: Keyring,
+        keys: impl Into<KeyService>,
         metrics: metrics_exporter_prometheus::PrometheusHandle,
         acl: Option<crate::acl::Acl>,
     ) -> Self {
@@ -52,11 +57,13 @@ impl AppState {
             cfg,
             store,
             blobs,
-            keys: KeyService::new(keyring),
+            keys: keys.into(),
             limits: Limits::default(),
             relay: Relay::default(),
             metrics,
             acl,
+            retention_wake: tokio::sync::Notify::new(),
+            rewrap: Default::default(),
         }))
     }
 }
@@ -70,13 +77,131 @@ impl std::ops::Deref for AppState {
 
 /// The only holder of seeds. Derives `K_session`/`K_task` for one operation at a time and
 /// hands keys out only wrapped (protocol §4); derived keys are zeroized when dropped.
+///
+/// The keyring **file** is the source of truth: a change ([`KeyService::update`]) locks the
+/// file against other processes, reloads it, applies the change, saves it atomically (0600) and
+/// only then replaces the copy in memory; [`KeyService::reload_if_changed`] picks up changes
+/// made by another process (the operator CLI, another replica, a secret manager).
 pub struct KeyService {
     keyring: RwLock<Keyring>,
+    source: KeyringSource,
+    /// The file's stamp when it was last read or written.
+    stamp: Mutex<Option<FileStamp>>,
+    /// The stamp of a file that failed to load, so a broken file is reported once per change.
+    failed: Mutex<Option<FileStamp>>,
+    /// Serialises this process's changes and reloads.
+    writer: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for KeyService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("KeyService(..)")
+        f.debug_struct("KeyService")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the key service's keyring comes from, and whether it may be changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyringSource {
+    /// The router's own keyring file (mode 0600, `keyring_path`): changed under its lock file,
+    /// reloaded when another process changes it.
+    File(std::path::PathBuf),
+    /// A file mounted from a secret manager (`keyring_file`): read-only, reloaded when the
+    /// secret changes.
+    SecretFile(std::path::PathBuf),
+    /// The `VEIL_KEYRING` environment variable: read-only, fixed for the life of the process.
+    Env,
+    /// Handed over in memory by an embedding program: read-only.
+    Memory,
+}
+
+impl KeyringSource {
+    /// `file`, `secret_file`, `env` or `memory`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::File(_) => "file",
+            Self::SecretFile(_) => "secret_file",
+            Self::Env => "env",
+            Self::Memory => "memory",
+        }
+    }
+
+    /// The file, for file sources.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::File(p) | Self::SecretFile(p) => Some(p),
+            Self::Env | Self::Memory => None,
+        }
+    }
+
+    /// Whether changes (rotate, retire, destroy) are refused.
+    pub fn is_read_only(&self) -> bool {
+        !matches!(self, Self::File(_))
+    }
+
+    /// The answer to a change of a read-only keyring, saying what to do instead.
+    fn read_only_error(&self) -> ApiError {
+        let how = match self {
+            Self::File(_) => "",
+            Self::SecretFile(_) => {
+                "the keyring is a read-only file from a secret manager (keyring_file): make the \
+                 change to the secret there (e.g. with `veil-router keys` on a writable copy); \
+                 running routers reload it within seconds"
+            }
+            Self::Env => {
+                "the keyring comes from the VEIL_KEYRING environment variable and is read-only: \
+                 update the secret it is set from and restart the router"
+            }
+            Self::Memory => "the keyring was handed to the router in memory and is read-only",
+        };
+        ApiError::conflict("keyring_read_only", how)
+    }
+}
+
+/// What a file's metadata says about its contents: a save replaces the file (a new inode, new
+/// times) and a secret volume swaps a symbolic link, so every change shows here without
+/// reading the secret again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+fn file_stamp(path: &std::path::Path) -> std::io::Result<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
+}
+
+/// An error while changing the keyring file: either the change's own answer or the keyring's.
+struct KeyringChange(ApiError);
+
+impl From<veil_keys::Error> for KeyringChange {
+    fn from(e: veil_keys::Error) -> Self {
+        KeyringChange(match e {
+            veil_keys::Error::UnknownVersion(_) => {
+                ApiError::new(axum::http::StatusCode::NOT_FOUND, e.code(), e.to_string())
+            }
+            veil_keys::Error::KeyringState(m) => ApiError::conflict("keyring_state", m),
+            // File access, permissions, a malformed file: the detail goes to the log.
+            other => ApiError::internal("changing the keyring file", other),
+        })
+    }
+}
+
+impl From<Keyring> for KeyService {
+    fn from(keyring: Keyring) -> Self {
+        KeyService::new(keyring)
     }
 }
 
@@ -93,10 +218,110 @@ fn key_error(e: veil_keys::Error) -> ApiError {
 }
 
 impl KeyService {
-    /// Takes ownership of the keyring.
+    /// Takes ownership of a keyring held in memory only (read-only).
     pub fn new(keyring: Keyring) -> Self {
+        Self::with_source(keyring, KeyringSource::Memory)
+    }
+
+    /// Takes ownership of a keyring loaded from `source`. The first
+    /// [`reload_if_changed`](Self::reload_if_changed) reads a file source again, so that a
+    /// change made between loading and now is not missed.
+    pub fn with_source(keyring: Keyring, source: KeyringSource) -> Self {
         Self {
             keyring: RwLock::new(keyring),
+            source,
+            stamp: Mutex::new(None),
+            failed: Mutex::new(None),
+            writer: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Where the keyring comes from.
+    pub fn source(&self) -> &KeyringSource {
+        &self.source
+    }
+
+    /// `active`, `min_decrypt` and the public facts of every version, read together.
+    pub fn snapshot(&self) -> (u32, u32, Vec<veil_keys::KeyVersionInfo>) {
+        let ring = self.read();
+        (ring.active(), ring.min_decrypt(), ring.versions())
+    }
+
+    /// Changes the keyring: locks the keyring file against other processes, loads it as it is
+    /// now, applies `f` (which sees the current file, so it must check its preconditions
+    /// itself), saves it atomically with mode 0600, and then replaces the keyring in memory.
+    /// Refused with `keyring_read_only` (409) unless the keyring is the router's own file.
+    pub async fn update<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Keyring) -> Result<T, ApiError> + Send + 'static,
+    {
+        let path = match &self.source {
+            KeyringSource::File(p) => p.clone(),
+            other => return Err(other.read_only_error()),
+        };
+        let _one_at_a_time = self.writer.lock().await;
+        let (ring, value) = tokio::task::spawn_blocking(move || {
+            Keyring::update_file(&path, |r| f(r).map_err(KeyringChange))
+        })
+        .await
+        .map_err(|e| ApiError::internal("changing the keyring file", e))?
+        .map_err(|KeyringChange(e)| e)?;
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+        // Another process may have saved right after this one released the lock: the next
+        // reload reads the file again rather than trust a stamp taken now.
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(value)
+    }
+
+    /// Reloads the keyring if its file changed since it was last read here (or was written
+    /// here since). Returns whether the keyring's public state (versions, their states and
+    /// times, `active`, `min_decrypt`) changed. A file that cannot be loaded (missing,
+    /// malformed, readable by others) leaves the keyring in memory as it was and is an error,
+    /// reported once per change of the file. Keyrings not from a file never change.
+    pub async fn reload_if_changed(&self) -> Result<bool, veil_keys::Error> {
+        let (path, secret) = match &self.source {
+            KeyringSource::File(p) => (p.clone(), false),
+            KeyringSource::SecretFile(p) => (p.clone(), true),
+            KeyringSource::Env | KeyringSource::Memory => return Ok(false),
+        };
+        let _one_at_a_time = self.writer.lock().await;
+        let io = |source| veil_keys::Error::KeyringIo {
+            op: "reading",
+            path: path.display().to_string(),
+            source,
+        };
+        let now = file_stamp(&path).map_err(io)?;
+        if *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) == Some(now)
+            || *self.failed.lock().unwrap_or_else(|p| p.into_inner()) == Some(now)
+        {
+            return Ok(false);
+        }
+        let p = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            if secret {
+                Keyring::load_secret_file(&p)
+            } else {
+                Keyring::load(&p)
+            }
+        })
+        .await
+        .map_err(|e| veil_keys::Error::KeyringState(format!("reloading the keyring: {e}")))?;
+        match loaded {
+            Ok(ring) => {
+                let mut current = self.keyring.write().unwrap_or_else(|p| p.into_inner());
+                let changed = (current.active(), current.min_decrypt(), current.versions())
+                    != (ring.active(), ring.min_decrypt(), ring.versions());
+                *current = ring;
+                drop(current);
+                *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(changed)
+            }
+            Err(e) => {
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+                Err(e)
+            }
         }
     }
 

@@ -14,10 +14,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 use veil_router::store::{
-    AllowlistSource, AuditEntry, CompleteOutcome, LeaseQuery, LeasedTask, NewApiKey, NewAuditEntry,
-    NewMinerSession, NewSession, NewTask, PrivacySetting, QueueDepth, Result, Session, SessionKind,
-    Store, StoreError, StoreEvent, Task, TaskParams, TaskResultRecord, TaskState, audit_hash, open,
-    verify_audit_chain,
+    AllowlistSource, AuditEntry, BlobKind, CompleteOutcome, DeletionReason, LeaseQuery, LeasedTask,
+    NewApiKey, NewAuditEntry, NewMinerSession, NewSession, NewTask, PrivacySetting, QueueDepth,
+    Result, RetentionPolicy, SealingPolicy, Session, SessionKind, Store, StoreError, StoreEvent,
+    Task, TaskParams, TaskResultRecord, TaskState, audit_hash, open, verify_audit_chain,
+};
+use veil_router::store::{
+    KeyVersionUsage, MovedBlob, NewRewrap, RewrapState, RewrapSwitch, SealedBy,
 };
 use veil_testkit::postgres::TestDatabase;
 
@@ -173,6 +176,9 @@ suite!(
     events_reach_subscribers,
     audit_chain,
     audit_tampering_is_detected,
+    retention_policy_round_trips,
+    retention_due_deletions,
+    key_lifecycle_usage_candidates_and_rewrap_journal,
     audit_appends_stay_linear_under_concurrency,
     concurrent_leasing_leases_every_task_once,
 );
@@ -269,6 +275,8 @@ fn new_session(owner: &str, privacy: PrivacySetting, at: i64) -> NewSession {
         privacy,
         created_at_ms: at,
         expires_at_ms: None,
+        retention: RetentionPolicy::default(),
+        sealing: SealingPolicy::Any,
     }
 }
 
@@ -297,6 +305,7 @@ fn new_task(session_id: Uuid, model: &str, at: i64) -> NewTask {
         created_at_ms: at,
         deadline_ms: None,
         submitted_by: "key:owner".into(),
+        sealed_by: SealedBy::Router,
     }
 }
 
@@ -1532,4 +1541,525 @@ async fn listener_reconnects(a: Arc<dyn Store>, b: &Backend) {
         .await
         .unwrap();
     wait_for(&mut on_b, |e| *e == available("model-after")).await;
+}
+
+// --- retention ------------------------------------------------------------------------------
+
+async fn retention_policy_round_trips(s: Arc<dyn Store>, _b: &Backend) {
+    let policy = RetentionPolicy {
+        delete_prompt_on_delivery: true,
+        prompt_ttl_secs: Some(90),
+        result_ttl_secs: Some(3600),
+        delete_result_on_fetch: false,
+    };
+    let mut n = new_session("key:owner", public(), T0);
+    n.retention = policy;
+    n.sealing = SealingPolicy::ClientOnly;
+    let created = s.create_session(&n).await.unwrap();
+    assert_eq!(created.retention, policy);
+    assert_eq!(created.sealing, SealingPolicy::ClientOnly);
+    assert_eq!(s.get_session(n.id).await.unwrap(), created);
+
+    let other = RetentionPolicy {
+        delete_result_on_fetch: true,
+        ..RetentionPolicy::default()
+    };
+    let updated = s
+        .set_session_policy(n.id, &other, SealingPolicy::Any)
+        .await
+        .unwrap();
+    assert_eq!(updated.retention, other);
+    assert_eq!(updated.sealing, SealingPolicy::Any);
+    assert_eq!(s.get_session(n.id).await.unwrap(), updated);
+
+    s.close_session(n.id, T0 + 1).await.unwrap();
+    expect_conflict(
+        s.set_session_policy(n.id, &policy, SealingPolicy::Any)
+            .await,
+        "session_closed",
+    );
+    expect_not_found(
+        s.set_session_policy(Uuid::now_v7(), &policy, SealingPolicy::Any)
+            .await,
+        "session",
+    );
+}
+
+/// Completes a fresh task of `session_id` at `at` and returns it.
+async fn completed(s: &Arc<dyn Store>, session_id: Uuid, n: u8, at: i64) -> Task {
+    let t = s.enqueue(&new_task(session_id, MODEL, at)).await.unwrap();
+    let l = lease_one(s, MINER_A, at).await;
+    assert_eq!(l.task.id, t.id);
+    match s
+        .complete(l.lease_id, MINER_A, &result(MINER_A, n), at + 10)
+        .await
+    {
+        Ok(CompleteOutcome::Accepted(task)) => task,
+        other => panic!("expected Accepted, got {other:?}"),
+    }
+}
+
+async fn retention_due_deletions(s: Arc<dyn Store>, _b: &Backend) {
+    // Session A: prompt on delivery, result after 60 s. Session B: keeps everything.
+    let mut na = new_session("key:owner", public(), T0);
+    na.retention = RetentionPolicy {
+        delete_prompt_on_delivery: true,
+        prompt_ttl_secs: None,
+        result_ttl_secs: Some(60),
+        delete_result_on_fetch: false,
+    };
+    let a = s.create_session(&na).await.unwrap();
+    let b = session(&s, public()).await;
+    let ta = completed(&s, a.id, 1, T0).await;
+    let tb = completed(&s, b.id, 2, T0).await;
+    // A queued task is never due, whatever its session's policy.
+    let queued = enqueue(&s, a.id).await;
+
+    assert!(
+        s.due_deletions(T0 + 1000, 100).await.unwrap().is_empty(),
+        "nothing delivered yet"
+    );
+    assert!(s.mark_delivered(ta.id, T0 + 20).await.unwrap());
+    assert!(
+        !s.mark_delivered(ta.id, T0 + 30).await.unwrap(),
+        "first delivery only"
+    );
+    assert!(
+        !s.mark_delivered(queued.id, T0 + 30).await.unwrap(),
+        "no result to deliver"
+    );
+    assert_eq!(
+        s.get_task(ta.id).await.unwrap().delivered_at_ms,
+        Some(T0 + 20)
+    );
+
+    let due = s.due_deletions(T0 + 1000, 100).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].task_id, ta.id);
+    assert_eq!(due[0].session_id, a.id);
+    assert_eq!(due[0].kind, BlobKind::Prompt);
+    assert_eq!(due[0].reason, DeletionReason::Delivered);
+    assert_eq!(due[0].urn, ta.prompt_urn);
+    assert_eq!(due[0].hash, ta.prompt_hash);
+    assert_eq!(due[0].key_version, ta.key_version);
+
+    let audit = NewAuditEntry {
+        at_ms: T0 + 1000,
+        actor: "router".into(),
+        action: "blob.delete".into(),
+        task_id: Some(ta.id),
+        detail: serde_json::json!({"blob": "prompt"}),
+        ..Default::default()
+    };
+    assert!(
+        s.record_deletion(ta.id, BlobKind::Prompt, &ta.prompt_urn, T0 + 1000, &audit)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.record_deletion(ta.id, BlobKind::Prompt, &ta.prompt_urn, T0 + 1001, &audit)
+            .await
+            .unwrap(),
+        "a second sweeper records nothing"
+    );
+    let entries = s.audit_entries(0, 100).await.unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.entry.action == "blob.delete")
+            .count(),
+        1
+    );
+    assert_eq!(
+        s.get_task(ta.id).await.unwrap().prompt_deleted_at_ms,
+        Some(T0 + 1000)
+    );
+    assert!(s.due_deletions(T0 + 1000, 100).await.unwrap().is_empty());
+
+    // The result TTL counts from the end of the task (T0 + 10).
+    assert!(
+        s.due_deletions(T0 + 10 + 59_999, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let due = s.due_deletions(T0 + 10 + 60_000, 100).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(
+        (due[0].kind, due[0].reason),
+        (BlobKind::Result, DeletionReason::Ttl)
+    );
+    assert_eq!(due[0].hash, ta.result.as_ref().unwrap().result_hash);
+    assert!(
+        !s.record_deletion(
+            ta.id,
+            BlobKind::Result,
+            "urn:veil:blob:moved",
+            T0 + 70_000,
+            &audit
+        )
+        .await
+        .unwrap(),
+        "a task switched to another blob (rewrap) records nothing"
+    );
+    assert!(
+        s.record_deletion(
+            ta.id,
+            BlobKind::Result,
+            &ta.result.as_ref().unwrap().result_urn,
+            T0 + 70_000,
+            &audit,
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        s.due_deletions(T0 + 100_000_000, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "B keeps its blobs"
+    );
+
+    // Closing B makes every blob of its finished tasks due; the limit is honoured.
+    s.close_session(b.id, T0 + 200).await.unwrap();
+    let due = s.due_deletions(T0 + 300, 100).await.unwrap();
+    let mut kinds: Vec<_> = due.iter().map(|d| (d.task_id, d.kind, d.reason)).collect();
+    kinds.sort_by_key(|k| k.1 as u8);
+    assert_eq!(
+        kinds,
+        vec![
+            (tb.id, BlobKind::Prompt, DeletionReason::SessionClosed),
+            (tb.id, BlobKind::Result, DeletionReason::SessionClosed),
+        ]
+    );
+    assert_eq!(s.due_deletions(T0 + 300, 1).await.unwrap().len(), 1);
+    // The queued task of A stays out until it finishes (closing A cancels it).
+    s.close_session(a.id, T0 + 400).await.unwrap();
+    let due = s.due_deletions(T0 + 500, 100).await.unwrap();
+    assert!(
+        due.iter()
+            .any(|d| d.task_id == queued.id && d.kind == BlobKind::Prompt)
+    );
+    assert!(
+        !due.iter()
+            .any(|d| d.task_id == queued.id && d.kind == BlobKind::Result)
+    );
+    verify_audit_chain(s.as_ref()).await.unwrap();
+}
+
+// --- key lifecycle --------------------------------------------------------------------------
+
+/// A finished task under `version`, sealed by `by`, completed with result `n` (or failed).
+async fn finished_under(
+    s: &Arc<dyn Store>,
+    session_id: Uuid,
+    version: u32,
+    by: SealedBy,
+    n: Option<u8>,
+) -> Task {
+    let mut nt = new_task(session_id, MODEL, T0);
+    nt.key_version = version;
+    nt.sealed_by = by;
+    let t = s.enqueue(&nt).await.unwrap();
+    assert_eq!((t.key_version, t.sealed_by), (version, by));
+    let l = lease_one(s, MINER_A, T0).await;
+    assert_eq!(l.task.id, t.id);
+    match n {
+        Some(n) => match s
+            .complete(l.lease_id, MINER_A, &result(MINER_A, n), T0 + 10)
+            .await
+        {
+            Ok(CompleteOutcome::Accepted(task)) => task,
+            other => panic!("expected Accepted, got {other:?}"),
+        },
+        None => {
+            s.fail(l.lease_id, MINER_A, "prompt_tampered", "bad blob", T0 + 10)
+                .await
+                .unwrap();
+            s.get_task(t.id).await.unwrap()
+        }
+    }
+}
+
+fn moved(old_urn: &str, n: u8) -> MovedBlob {
+    MovedBlob {
+        old_urn: old_urn.into(),
+        urn: format!("urn:veil:blob:rewrapped-{n}"),
+        hash: [0xa0 + n; 32],
+        size: 500 + u64::from(n),
+    }
+}
+
+async fn key_lifecycle_usage_candidates_and_rewrap_journal(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let a = finished_under(&s, sess.id, 1, SealedBy::Router, Some(1)).await;
+    let b = finished_under(&s, sess.id, 1, SealedBy::Router, None).await; // failed: prompt only
+    let c = finished_under(&s, sess.id, 1, SealedBy::Client, Some(2)).await;
+    let d = finished_under(&s, sess.id, 2, SealedBy::Router, Some(3)).await;
+    let e = finished_under(&s, sess.id, 1, SealedBy::Router, Some(4)).await;
+    let mut queued = new_task(sess.id, MODEL, T0);
+    queued.key_version = 1;
+    let queued = s.enqueue(&queued).await.unwrap();
+    assert_eq!(s.get_task(c.id).await.unwrap().sealed_by, SealedBy::Client);
+
+    // Usage counts stored blobs only: e's prompt was deleted by retention.
+    let audit = NewAuditEntry {
+        at_ms: T0,
+        actor: "router".into(),
+        action: "blob.delete".into(),
+        ..Default::default()
+    };
+    assert!(
+        s.record_deletion(e.id, BlobKind::Prompt, &e.prompt_urn, T0 + 20, &audit)
+            .await
+            .unwrap()
+    );
+    let e = s.get_task(e.id).await.unwrap();
+    let usage = s.key_version_usage().await.unwrap();
+    assert_eq!(
+        usage,
+        vec![
+            KeyVersionUsage {
+                key_version: 1,
+                tasks: 5,
+                prompt_blobs: 4,
+                result_blobs: 3
+            },
+            KeyVersionUsage {
+                key_version: 2,
+                tasks: 1,
+                prompt_blobs: 1,
+                result_blobs: 1
+            },
+        ]
+    );
+    assert_eq!(usage[0].blobs(), 7);
+
+    // Candidates for a rewrap to 2: finished, router-sealed, under 1..2, a blob still stored.
+    let mut want = vec![a.id, b.id, e.id];
+    want.sort();
+    let all: Vec<Uuid> = s
+        .rewrap_candidates(1, 2, Uuid::nil(), 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(all, want);
+    assert_eq!(s.count_rewrap_candidates(1, 2).await.unwrap(), 3);
+    let first = s.rewrap_candidates(1, 2, Uuid::nil(), 2).await.unwrap();
+    let rest = s.rewrap_candidates(1, 2, first[1].id, 2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(rest.iter().map(|t| t.id).collect::<Vec<_>>(), want[2..]);
+    assert_eq!(
+        s.count_rewrap_candidates(2, 2).await.unwrap(),
+        0,
+        "retired versions excluded"
+    );
+    assert_eq!(
+        s.count_rewrap_candidates(1, 3).await.unwrap(),
+        4,
+        "d moves to 3"
+    );
+    assert!(
+        !s.rewrap_candidates(1, 3, Uuid::nil(), 100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|t| t.id == c.id || t.id == queued.id)
+    );
+
+    // The journal: begin, name the new blobs, switch.
+    let row = NewRewrap {
+        id: Uuid::now_v7(),
+        task_id: a.id,
+        old_version: 1,
+        new_version: 2,
+        started_at_ms: T0 + 30,
+    };
+    s.rewrap_begin(&row).await.unwrap();
+    assert!(
+        s.rewrap_record_blob(row.id, BlobKind::Prompt, "urn:veil:blob:rewrapped-1")
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.rewrap_record_blob(row.id, BlobKind::Result, "urn:veil:blob:rewrapped-2")
+            .await
+            .unwrap()
+    );
+    let j = s.rewrap_journal().await.unwrap();
+    assert_eq!(j.len(), 1);
+    assert_eq!(j[0].state, RewrapState::Pending);
+    assert_eq!(
+        j[0].blobs_to_delete(),
+        vec!["urn:veil:blob:rewrapped-1", "urn:veil:blob:rewrapped-2"]
+    );
+    let sw = RewrapSwitch {
+        rewrap_id: row.id,
+        expected: a.clone(),
+        new_version: 2,
+        prompt: Some(moved(&a.prompt_urn, 1)),
+        result: Some(moved(&a.result.as_ref().unwrap().result_urn, 2)),
+    };
+    let switch_audit = NewAuditEntry {
+        at_ms: T0 + 40,
+        actor: "operator".into(),
+        action: "keyring.rewrap.task".into(),
+        task_id: Some(a.id),
+        key_version: Some(2),
+        detail: serde_json::json!({"old_version": 1}),
+        ..Default::default()
+    };
+    assert!(s.rewrap_switch(&sw, &switch_audit).await.unwrap());
+    let now = s.get_task(a.id).await.unwrap();
+    assert_eq!(now.key_version, 2);
+    assert_eq!(now.prompt_urn, "urn:veil:blob:rewrapped-1");
+    assert_eq!(now.prompt_hash, [0xa1; 32]);
+    let r = now.result.as_ref().unwrap();
+    assert_eq!(
+        (r.result_urn.as_str(), r.result_hash, r.result_size),
+        ("urn:veil:blob:rewrapped-2", [0xa2; 32], 502)
+    );
+    assert_eq!(
+        r.signature,
+        a.result.as_ref().unwrap().signature,
+        "everything else is kept"
+    );
+    assert_eq!((now.state, now.finished_at_ms), (a.state, a.finished_at_ms));
+    let j = s.rewrap_abandon(row.id).await.unwrap().unwrap();
+    assert_eq!(
+        j.state,
+        RewrapState::Switched,
+        "a switched row is never abandoned"
+    );
+    assert_eq!(
+        j.blobs_to_delete(),
+        vec![
+            a.prompt_urn.as_str(),
+            a.result.as_ref().unwrap().result_urn.as_str()
+        ]
+    );
+    let entries = s.audit_entries(0, 100).await.unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.entry.action == "keyring.rewrap.task")
+            .count(),
+        1
+    );
+    // Switching again (same row, or a stale view of the task) changes nothing.
+    assert!(!s.rewrap_switch(&sw, &switch_audit).await.unwrap());
+    s.rewrap_forget(row.id).await.unwrap();
+    s.rewrap_forget(row.id).await.unwrap();
+    assert!(s.rewrap_journal().await.unwrap().is_empty());
+    assert!(s.rewrap_abandon(row.id).await.unwrap().is_none());
+
+    // A task that changed since it was read is not switched; the row is abandoned.
+    let row2 = NewRewrap {
+        id: Uuid::now_v7(),
+        task_id: a.id,
+        old_version: 1,
+        new_version: 2,
+        started_at_ms: T0 + 50,
+    };
+    s.rewrap_begin(&row2).await.unwrap();
+    let stale = RewrapSwitch {
+        rewrap_id: row2.id,
+        ..sw.clone()
+    };
+    assert!(!s.rewrap_switch(&stale, &switch_audit).await.unwrap());
+    assert_eq!(
+        s.rewrap_abandon(row2.id).await.unwrap().unwrap().state,
+        RewrapState::Abandoned
+    );
+    assert_eq!(s.get_task(a.id).await.unwrap(), now);
+
+    // Retention deleting a blob in the meantime also stops the switch (e's result here).
+    let row3 = NewRewrap {
+        id: Uuid::now_v7(),
+        task_id: e.id,
+        old_version: 1,
+        new_version: 2,
+        started_at_ms: T0 + 60,
+    };
+    s.rewrap_begin(&row3).await.unwrap();
+    assert!(
+        s.record_deletion(
+            e.id,
+            BlobKind::Result,
+            &e.result.as_ref().unwrap().result_urn,
+            T0 + 61,
+            &audit,
+        )
+        .await
+        .unwrap()
+    );
+    let sw_e = RewrapSwitch {
+        rewrap_id: row3.id,
+        expected: e.clone(),
+        new_version: 2,
+        prompt: None,
+        result: Some(moved(&e.result.as_ref().unwrap().result_urn, 5)),
+    };
+    assert!(!s.rewrap_switch(&sw_e, &switch_audit).await.unwrap());
+    assert_eq!(s.get_task(e.id).await.unwrap().key_version, 1);
+
+    // An abandoned row refuses new blobs; a prompt-only switch keeps the missing result.
+    let row4 = NewRewrap {
+        id: Uuid::now_v7(),
+        task_id: b.id,
+        old_version: 1,
+        new_version: 2,
+        started_at_ms: T0 + 70,
+    };
+    s.rewrap_begin(&row4).await.unwrap();
+    assert!(
+        s.rewrap_record_blob(row4.id, BlobKind::Prompt, "urn:veil:blob:rewrapped-7")
+            .await
+            .unwrap()
+    );
+    let sw_b = RewrapSwitch {
+        rewrap_id: row4.id,
+        expected: b.clone(),
+        new_version: 2,
+        prompt: Some(moved(&b.prompt_urn, 7)),
+        result: None,
+    };
+    assert!(s.rewrap_switch(&sw_b, &switch_audit).await.unwrap());
+    let b_now = s.get_task(b.id).await.unwrap();
+    assert_eq!(
+        (b_now.key_version, b_now.result.is_none(), b_now.state),
+        (2, true, TaskState::Failed)
+    );
+    let row5 = NewRewrap {
+        id: Uuid::now_v7(),
+        task_id: d.id,
+        old_version: 2,
+        new_version: 3,
+        started_at_ms: T0 + 80,
+    };
+    s.rewrap_begin(&row5).await.unwrap();
+    assert_eq!(
+        s.rewrap_abandon(row5.id).await.unwrap().unwrap().state,
+        RewrapState::Abandoned
+    );
+    assert!(
+        !s.rewrap_record_blob(row5.id, BlobKind::Prompt, "urn:veil:blob:late")
+            .await
+            .unwrap()
+    );
+    let j = s.rewrap_journal().await.unwrap();
+    assert_eq!(
+        j.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![row2.id, row3.id, row4.id, row5.id],
+        "oldest first"
+    );
+    assert_eq!(
+        s.count_rewrap_candidates(1, 2).await.unwrap(),
+        0,
+        "a, b moved; e has nothing left"
+    );
+    verify_audit_chain(s.as_ref()).await.unwrap();
 }

@@ -962,3 +962,111 @@ fn seal_reads_all_of_a_large_stdin() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.stdout, data);
 }
+
+// ---------------------------------------------------------------- rewrap
+
+/// K_task of SESSION/TASK derived from a seed of one repeated byte.
+fn k_task_of(seed_byte: u8) -> String {
+    let seed = hex::encode([seed_byte; 32]);
+    ok_line(
+        &[
+            "crypto",
+            "derive",
+            "--seed-hex",
+            &seed,
+            "--session",
+            SESSION,
+            "--task",
+            TASK,
+        ],
+        b"",
+    )
+}
+
+#[test]
+fn rewrap_moves_a_blob_to_the_new_version_and_keeps_the_rest() {
+    let (old, new) = (k_task_of(1), k_task_of(2));
+    let data = plaintext(5000);
+    let blob = ok(&seal_args(&old, "task", Some("10")), &data);
+    let moved = ok(
+        &[
+            "crypto",
+            "rewrap",
+            "--key-hex",
+            &old,
+            "--new-key-hex",
+            &new,
+            "--new-key-version",
+            "8",
+        ],
+        &blob,
+    );
+    let (header, sizes, opened) =
+        reference::open(&h32(&new), &moved).expect("the independent opener opens the new blob");
+    assert_eq!(opened, data);
+    assert_eq!(
+        header,
+        reference::Header {
+            scope: 2,
+            purpose: 2,
+            chunk_exp: 10,
+            key_version: 8,
+            session: uuid(SESSION),
+            task: uuid(TASK),
+        }
+    );
+    assert_eq!(sizes.len(), 5, "same chunking");
+    assert!(
+        reference::open(&h32(&old), &moved).is_none(),
+        "the old key no longer opens it"
+    );
+
+    // A wrong old key, a tampered blob and the same version are refused, with nothing written.
+    let err = fails(
+        &[
+            "crypto",
+            "rewrap",
+            "--key-hex",
+            &new,
+            "--new-key-hex",
+            &new,
+            "--new-key-version",
+            "9",
+        ],
+        &blob,
+        1,
+    );
+    assert!(err.contains("[wrong_key]"), "{err}");
+    let mut tampered = blob.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    fails(
+        &[
+            "crypto",
+            "rewrap",
+            "--key-hex",
+            &old,
+            "--new-key-hex",
+            &new,
+            "--new-key-version",
+            "8",
+        ],
+        &tampered,
+        1,
+    );
+    let err = fails(
+        &[
+            "crypto",
+            "rewrap",
+            "--key-hex",
+            &old,
+            "--new-key-hex",
+            &new,
+            "--new-key-version",
+            "7",
+        ],
+        &blob,
+        2,
+    );
+    assert!(err.contains("--new-key-version"), "{err}");
+}

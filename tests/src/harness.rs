@@ -103,6 +103,23 @@ impl TestRouter {
         )
     }
 
+    /// PUTs JSON with a bearer key; returns status and JSON body.
+    pub async fn put(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
+        let r = http()
+            .put(format!("{}{}", self.url, path))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
     /// GETs with a bearer key.
     pub async fn get(&self, key: &str, path: &str) -> (u16, Value) {
         let r = http()

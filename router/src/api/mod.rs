@@ -15,6 +15,8 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::state::AppState;
 
 pub mod admin;
+pub mod deployment;
+pub mod keys;
 pub mod miner;
 pub mod ops;
 pub mod v2;
@@ -32,7 +34,7 @@ pub mod v2;
     tags(
         (name = "v2", description = "OpenAI-compatible completions with server-side sealing"),
         (name = "sessions", description = "Sessions and their privacy settings"),
-        (name = "admin", description = "API keys and the audit log (admin API key)"),
+        (name = "admin", description = "API keys, the key lifecycle and the audit log (admin API key)"),
         (name = "miner", description = "The miner protocol (MinerLogin bearer token)"),
         (name = "ops", description = "Health, readiness, metrics")
     )
@@ -62,7 +64,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(ops::routes())
         .merge(v2::routes())
+        .merge(deployment::routes())
         .merge(admin::routes())
+        .merge(keys::routes())
         .merge(miner::routes())
 }
 

@@ -31,8 +31,8 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, Json, parse_json};
 use crate::state::{AppState, RelayMsg, now_ms};
 use crate::store::{
-    AllowlistSource, NewAuditEntry, NewSession, NewTask, PrivacySetting, Session, SessionKind,
-    StoreEvent, Task, TaskState,
+    AllowlistSource, NewAuditEntry, NewSession, NewTask, PrivacySetting, RetentionPolicy,
+    SealingPolicy, Session, SessionKind, StoreEvent, Task, TaskState,
 };
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -44,7 +44,8 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create_session, list_sessions))
         .routes(routes!(get_session))
         .routes(routes!(close_session))
-        .routes(routes!(set_privacy))
+        .routes(routes!(set_privacy, get_privacy))
+        .routes(routes!(set_policy))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -404,6 +405,8 @@ async fn resolve_session(
         SessionKind::Dedicated,
         default_privacy(state),
         None,
+        state.cfg.default_retention,
+        SealingPolicy::Any,
     )
     .await?;
     state.store.set_default_session(caller.key.id, s.id).await?;
@@ -432,6 +435,8 @@ async fn new_session(
     kind: SessionKind,
     privacy: PrivacySetting,
     ttl_secs: Option<u64>,
+    retention: RetentionPolicy,
+    sealing: SealingPolicy,
 ) -> ApiResult<Session> {
     let now = now_ms();
     let s = state
@@ -443,6 +448,8 @@ async fn new_session(
             privacy,
             created_at_ms: now,
             expires_at_ms: ttl_secs.map(|t| now + (t as i64) * 1000),
+            retention,
+            sealing,
         })
         .await?;
     state
@@ -452,7 +459,7 @@ async fn new_session(
             actor: caller.actor(),
             action: "session.create".into(),
             session_id: Some(s.id),
-            detail: json!({"kind": s.kind, "private": s.privacy.private, "allowed_miners": s.privacy.allowed_miners, "source": s.privacy.source}),
+            detail: json!({"kind": s.kind, "private": s.privacy.private, "allowed_miners": s.privacy.allowed_miners, "source": s.privacy.source, "retention": s.retention, "sealing": s.sealing}),
             ..Default::default()
         })
         .await?;
@@ -510,6 +517,13 @@ pub struct CreateSessionRequest {
     /// Lifetime in seconds (no new tasks after it).
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// Retention of the session's blobs; when given it replaces the router's default whole
+    /// (fields left out are off) [default: the router's `retention_*` settings].
+    #[serde(default)]
+    pub retention: Option<RetentionPolicy>,
+    /// `any` (default) or `client_only` (server-side sealing on `/api/v2` refused).
+    #[serde(default)]
+    pub sealing: Option<SealingPolicy>,
 }
 
 /// A session as the API shows it.
@@ -529,6 +543,10 @@ pub struct SessionView {
     pub expires_at_ms: Option<i64>,
     /// Unix ms.
     pub closed_at_ms: Option<i64>,
+    /// Retention of the session's blobs.
+    pub retention: RetentionPolicy,
+    /// Where its prompts may be sealed.
+    pub sealing: SealingPolicy,
 }
 
 impl From<Session> for SessionView {
@@ -541,6 +559,8 @@ impl From<Session> for SessionView {
             created_at_ms: s.created_at_ms,
             expires_at_ms: s.expires_at_ms,
             closed_at_ms: s.closed_at_ms,
+            retention: s.retention,
+            sealing: s.sealing,
         }
     }
 }
@@ -577,12 +597,18 @@ async fn create_session(
             }
         }
     };
+    let retention = req.retention.unwrap_or(state.cfg.default_retention);
+    retention
+        .validate()
+        .map_err(|(field, msg)| ApiError::invalid(field, msg))?;
     let s = new_session(
         &state,
         &caller,
         req.kind.unwrap_or(SessionKind::Dedicated),
         privacy,
         req.ttl_secs,
+        retention,
+        req.sealing.unwrap_or_default(),
     )
     .await?;
     Ok((StatusCode::CREATED, Json(s.into())))
@@ -665,6 +691,8 @@ async fn close_session(
             ..Default::default()
         })
         .await?;
+    // Closing deletes the session's blobs: let the sweeper start now.
+    state.retention_wake.notify_one();
     Ok(Json(
         json!({"session_id": id, "closed": true, "cancelled_tasks": cancelled}),
     ))
@@ -720,6 +748,113 @@ async fn set_privacy(
             ..Default::default()
         })
         .await?;
+    Ok(Json(s.into()))
+}
+
+/// A session's privacy status as its owner reads it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrivacyStatus {
+    /// The session.
+    pub session_id: Uuid,
+    /// Private sessions reach only their allowed miners.
+    pub private: bool,
+    /// Checksummed addresses of the miners allowed to serve it (and to get its task keys).
+    pub allowed_miners: Vec<String>,
+    /// Where that list comes from: `router` (this API), `static` (router configuration) or
+    /// `contract` (the on-chain ACL).
+    pub source: AllowlistSource,
+    /// For `contract`: the chain and the ACL contract the list is read from.
+    #[schema(value_type = Option<Object>)]
+    pub acl: Option<serde_json::Value>,
+    /// Retention of its blobs.
+    pub retention: RetentionPolicy,
+    /// Where its prompts may be sealed.
+    pub sealing: SealingPolicy,
+    /// The key version new tasks are sealed under.
+    pub active_key_version: u32,
+    /// Open (not closed, not expired).
+    pub open: bool,
+}
+
+/// The session's privacy status: private or public, allowed miners and the list's source,
+/// retention and sealing policy.
+#[utoipa::path(get, path = "/api/v2/sessions/{session_id}/privacy", tag = "sessions", security(("api_key" = [])),
+    params(("session_id" = Uuid, Path,)),
+    responses((status = 200, body = PrivacyStatus), (status = 404, body = veil_api::ErrorBody)))]
+async fn get_privacy(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PrivacyStatus>> {
+    let id = parse_uuid("session_id", &id)?;
+    let s = owned_session(&state, &caller, id, "session_id").await?;
+    let acl = (s.privacy.source == AllowlistSource::Contract).then(|| {
+        json!({
+            "chain_id": state.cfg.domain.chain_id,
+            "contract": state.cfg.domain.verifying_contract.to_checksum(None),
+            "fresh": state.acl.as_ref().map(|a| a.is_fresh()),
+        })
+    });
+    Ok(Json(PrivacyStatus {
+        session_id: s.id,
+        private: s.privacy.private,
+        allowed_miners: s.privacy.allowed_miners.clone(),
+        source: s.privacy.source,
+        acl,
+        retention: s.retention,
+        sealing: s.sealing,
+        active_key_version: state.keys.active_version(),
+        open: s.is_open(now_ms()),
+    }))
+}
+
+/// `PUT /api/v2/sessions/{id}/policy`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRequest {
+    /// New retention (replaces the current one whole); unchanged when left out.
+    #[serde(default)]
+    pub retention: Option<RetentionPolicy>,
+    /// New sealing policy; unchanged when left out.
+    #[serde(default)]
+    pub sealing: Option<SealingPolicy>,
+}
+
+/// Change a session's retention or sealing policy. A shorter retention applies to blobs
+/// already stored too.
+#[utoipa::path(put, path = "/api/v2/sessions/{session_id}/policy", tag = "sessions", security(("api_key" = [])),
+    params(("session_id" = Uuid, Path,)), request_body = PolicyRequest,
+    responses((status = 200, body = SessionView), (status = 400, body = veil_api::ErrorBody),
+              (status = 409, body = veil_api::ErrorBody)))]
+async fn set_policy(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(req): Json<PolicyRequest>,
+) -> ApiResult<Json<SessionView>> {
+    let id = parse_uuid("session_id", &id)?;
+    let s = owned_session(&state, &caller, id, "session_id").await?;
+    let retention = req.retention.unwrap_or(s.retention);
+    retention
+        .validate()
+        .map_err(|(field, msg)| ApiError::invalid(field, msg))?;
+    let sealing = req.sealing.unwrap_or(s.sealing);
+    let s = state
+        .store
+        .set_session_policy(id, &retention, sealing)
+        .await?;
+    state
+        .store
+        .audit(&NewAuditEntry {
+            at_ms: now_ms(),
+            actor: caller.actor(),
+            action: "session.policy".into(),
+            session_id: Some(id),
+            detail: json!({"retention": retention, "sealing": sealing}),
+            ..Default::default()
+        })
+        .await?;
+    state.retention_wake.notify_one();
     Ok(Json(s.into()))
 }
 
@@ -787,6 +922,14 @@ async fn complete_request(
     let t0 = std::time::Instant::now();
     let session = resolve_session(&state, &caller, v.session_id).await?;
     crate::acl::check_new_task(&state, &session)?;
+    if session.sealing == SealingPolicy::ClientOnly {
+        return Err(ApiError::forbidden(
+            "sealing_client_only",
+            "this session accepts only client-sealed prompts (sealing policy client_only); \
+             use /api/v3 with a client that seals on its own machine",
+        )
+        .param("session_id"));
+    }
     if v.want_private && !session.privacy.private {
         return Err(ApiError::invalid(
             "routing_preferences.privacy_level",
@@ -842,8 +985,9 @@ async fn complete_request(
             params: v.params.clone(),
             max_attempts: state.cfg.max_attempts,
             created_at_ms: now,
-            deadline_ms: Some(now + state.cfg.task_deadline_ms as i64),
+            deadline_ms: Some(task_deadline(&state, &session, now)),
             submitted_by: caller.actor(),
+            sealed_by: crate::store::SealedBy::Router,
         })
         .await?;
     state
@@ -883,6 +1027,26 @@ async fn complete_request(
         .record(t0.elapsed().as_secs_f64());
     drop(caller);
     Ok(r)
+}
+
+/// The router's task deadline, brought forward to the session's prompt TTL so that a task
+/// never waits past the deletion of its prompt.
+fn task_deadline(state: &AppState, session: &Session, now: i64) -> i64 {
+    let d = now + state.cfg.task_deadline_ms as i64;
+    match session.retention.prompt_ttl_ms() {
+        Some(ttl) => d.min(now.saturating_add(ttl)),
+        None => d,
+    }
+}
+
+/// Records that a task's result reached its caller; the retention sweeper runs at once when
+/// the session's policy deletes something on delivery.
+async fn delivered(state: &AppState, task: &Task) {
+    match state.store.mark_delivered(task.id, now_ms()).await {
+        Ok(true) => state.retention_wake.notify_one(),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(task_id = %task.id, error = %e, "recording a delivery failed"),
+    }
 }
 
 fn timeout_error(task_id: Uuid) -> ApiError {
@@ -990,6 +1154,18 @@ async fn open_result(
     Ok(zeroize::Zeroizing::new(text))
 }
 
+fn result_deleted(t: &Task) -> ApiError {
+    ApiError::new(
+        StatusCode::GONE,
+        "result_deleted",
+        format!(
+            "the result of task {} was deleted by the session's retention policy",
+            t.id
+        ),
+    )
+    .param("task_id")
+}
+
 fn task_error(t: &Task) -> ApiError {
     let code: &'static str = match t.state {
         TaskState::Dead => "task_dead",
@@ -1035,7 +1211,11 @@ async fn answer(
     if task.state != TaskState::Completed {
         return Err(task_error(task));
     }
+    if task.result_deleted_at_ms.is_some() {
+        return Err(result_deleted(task));
+    }
     let text = open_result(state, task, k_task).await?;
+    delivered(state, task).await;
     let r = task.result.as_ref().expect("completed");
     let created = task.created_at_ms / 1000;
     let usage = json!({"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "total_tokens": r.prompt_tokens + r.completion_tokens});
@@ -1263,6 +1443,9 @@ async fn finish_stream(
     }
     let r = done.result.as_ref().expect("completed");
     let relayed_hash: [u8; 32] = hasher.finalize().into();
+    if !(relay_complete && relayed_hash == r.result_hash) && done.result_deleted_at_ms.is_some() {
+        return Err(result_deleted(done));
+    }
     if !(relay_complete && relayed_hash == r.result_hash) {
         // Frames came from another replica, were missed, or belong to an attempt that lost:
         // continue from the stored result, which is the one that stands.
@@ -1298,6 +1481,7 @@ async fn finish_stream(
                           "model": shape.model, "choices": [], "usage": usage, "veil": veil_object(done)});
         let _ = o.send(Ok(Event::default().data(body.to_string()))).await;
     }
+    delivered(state, done).await;
     Ok(())
 }
 

@@ -12,11 +12,15 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+mod lifecycle;
 mod model;
 mod postgres;
 mod sql;
 mod sqlite;
 
+pub use lifecycle::{
+    KeyVersionUsage, MovedBlob, NewRewrap, RewrapJournal, RewrapState, RewrapSwitch, SealedBy,
+};
 pub use model::*;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -183,6 +187,66 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn reap(&self, now_ms: i64) -> Result<ReapReport>;
     /// Counts of tasks by state, for metrics.
     async fn queue_depth(&self) -> Result<QueueDepth>;
+
+    // --- retention ----------------------------------------------------------------------------
+    /// Replaces an open session's retention and sealing policy (`session_closed` otherwise).
+    async fn set_session_policy(
+        &self,
+        id: Uuid,
+        retention: &RetentionPolicy,
+        sealing: SealingPolicy,
+    ) -> Result<Session>;
+    /// Records that a completed task's result reached its caller. Only the first delivery is
+    /// recorded; returns whether this call recorded it.
+    async fn mark_delivered(&self, task_id: Uuid, now_ms: i64) -> Result<bool>;
+    /// Blobs of finished tasks that their session's retention policy (or its close) says must
+    /// be deleted at `now_ms`, at most `limit`.
+    async fn due_deletions(&self, now_ms: i64, limit: u32) -> Result<Vec<DueDeletion>>;
+    /// Records a blob as deleted and appends `audit` in the same transaction, unless it was
+    /// already recorded (by another replica's sweeper) or the task no longer refers to `urn`
+    /// (a rewrap switched it to a new blob, which stays due); returns whether this call
+    /// recorded it.
+    async fn record_deletion(
+        &self,
+        task_id: Uuid,
+        kind: BlobKind,
+        urn: &str,
+        now_ms: i64,
+        audit: &NewAuditEntry,
+    ) -> Result<bool>;
+
+    // --- key lifecycle ------------------------------------------------------------------------
+    /// Per key version in use: its tasks and their prompt and result blobs still stored (not
+    /// deleted by retention), by version.
+    async fn key_version_usage(&self) -> Result<Vec<KeyVersionUsage>>;
+    /// Tasks whose blobs a rewrap to `target` moves: finished, sealed by the router, under a
+    /// version in `min_version..target`, with a blob still stored. In id order, after `after`
+    /// (`Uuid::nil()` to start), at most `limit`.
+    async fn rewrap_candidates(
+        &self,
+        min_version: u32,
+        target: u32,
+        after: Uuid,
+        limit: u32,
+    ) -> Result<Vec<Task>>;
+    /// How many tasks [`Store::rewrap_candidates`] would return in all.
+    async fn count_rewrap_candidates(&self, min_version: u32, target: u32) -> Result<u64>;
+    /// Writes a pending journal row, before any new blob of the task is written.
+    async fn rewrap_begin(&self, r: &NewRewrap) -> Result<()>;
+    /// Names a new blob of a pending row (before the blob can become visible). `false` when
+    /// the row is no longer pending (another job abandoned it): the blob must not be written.
+    async fn rewrap_record_blob(&self, id: Uuid, kind: BlobKind, urn: &str) -> Result<bool>;
+    /// In one transaction: if the row is pending and the task is still as `s.expected` says,
+    /// points the task at the new blobs and the new version, marks the row switched and appends
+    /// `audit`; otherwise marks the row abandoned. Returns whether the task was switched.
+    async fn rewrap_switch(&self, s: &RewrapSwitch, audit: &NewAuditEntry) -> Result<bool>;
+    /// Abandons a pending row (a switched one stays switched); returns the row as it now is,
+    /// `None` if it is gone.
+    async fn rewrap_abandon(&self, id: Uuid) -> Result<Option<RewrapJournal>>;
+    /// Every journal row, oldest first.
+    async fn rewrap_journal(&self) -> Result<Vec<RewrapJournal>>;
+    /// Removes a journal row once its blobs to delete are gone. Idempotent.
+    async fn rewrap_forget(&self, id: Uuid) -> Result<()>;
 
     // --- audit ------------------------------------------------------------------------------
     /// Appends an entry to the hash chain and returns it with its seq and hash.

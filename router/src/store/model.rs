@@ -77,6 +77,143 @@ pub struct PrivacySetting {
     pub source: AllowlistSource,
 }
 
+/// What happens to a session's sealed blobs once they have served their purpose. Each rule
+/// that is set deletes the blob when it first applies; closing the session deletes every blob
+/// of its finished tasks whatever the policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionPolicy {
+    /// Delete the prompt blob once the task's result has been delivered to the caller.
+    #[serde(default)]
+    pub delete_prompt_on_delivery: bool,
+    /// Delete the prompt blob this many seconds after the task was created. A task still
+    /// waiting for a miner then has its deadline at that time, so it never runs without its
+    /// prompt.
+    #[serde(default)]
+    pub prompt_ttl_secs: Option<u64>,
+    /// Delete the result blob this many seconds after the task finished.
+    #[serde(default)]
+    pub result_ttl_secs: Option<u64>,
+    /// Delete the result blob once it has been delivered to the caller (the first fetch).
+    #[serde(default)]
+    pub delete_result_on_fetch: bool,
+}
+
+/// Longest retention TTL accepted: ten years.
+pub const MAX_RETENTION_SECS: u64 = 10 * 365 * 24 * 3600;
+
+impl RetentionPolicy {
+    /// Checks the TTLs; the error names the field at fault.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        for (field, v) in [
+            ("retention.prompt_ttl_secs", self.prompt_ttl_secs),
+            ("retention.result_ttl_secs", self.result_ttl_secs),
+        ] {
+            if let Some(t) = v
+                && (t == 0 || t > MAX_RETENTION_SECS)
+            {
+                return Err((
+                    field,
+                    format!("{field} must be between 1 and {MAX_RETENTION_SECS}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The prompt TTL in milliseconds.
+    pub fn prompt_ttl_ms(&self) -> Option<i64> {
+        self.prompt_ttl_secs
+            .map(|s| (s as i64).saturating_mul(1000))
+    }
+
+    /// The result TTL in milliseconds.
+    pub fn result_ttl_ms(&self) -> Option<i64> {
+        self.result_ttl_secs
+            .map(|s| (s as i64).saturating_mul(1000))
+    }
+}
+
+/// Where a session's prompts may be sealed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SealingPolicy {
+    /// By the router at the edge (`/api/v2`) or by the client (`/api/v3`).
+    #[default]
+    Any,
+    /// Only by the client: `/api/v2` (server-side sealing) is refused for the session.
+    ClientOnly,
+}
+
+impl SealingPolicy {
+    /// Text form stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::ClientOnly => "client_only",
+        }
+    }
+    /// Parses the text form.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "any" => Some(Self::Any),
+            "client_only" => Some(Self::ClientOnly),
+            _ => None,
+        }
+    }
+}
+
+/// Which blob of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobKind {
+    /// The sealed prompt.
+    Prompt,
+    /// The sealed result.
+    Result,
+}
+
+impl BlobKind {
+    /// Text form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prompt => "prompt",
+            Self::Result => "result",
+        }
+    }
+}
+
+/// Why the retention sweeper deletes a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletionReason {
+    /// The session was closed.
+    SessionClosed,
+    /// The result was delivered (`delete_prompt_on_delivery` / `delete_result_on_fetch`).
+    Delivered,
+    /// The blob's TTL passed.
+    Ttl,
+}
+
+/// A blob the retention policy says must go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDeletion {
+    /// Its task.
+    pub task_id: Uuid,
+    /// The task's session.
+    pub session_id: Uuid,
+    /// Prompt or result.
+    pub kind: BlobKind,
+    /// The blob's URN.
+    pub urn: String,
+    /// SHA-256 of the blob.
+    pub hash: [u8; 32],
+    /// Key version it is sealed under.
+    pub key_version: u32,
+    /// Why it is due.
+    pub reason: DeletionReason,
+}
+
 /// A new session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSession {
@@ -92,6 +229,10 @@ pub struct NewSession {
     pub created_at_ms: i64,
     /// After this, no new tasks (None = no TTL).
     pub expires_at_ms: Option<i64>,
+    /// Retention of its blobs.
+    pub retention: RetentionPolicy,
+    /// Where its prompts may be sealed.
+    pub sealing: SealingPolicy,
 }
 
 /// A stored session.
@@ -111,6 +252,10 @@ pub struct Session {
     pub expires_at_ms: Option<i64>,
     /// When closed.
     pub closed_at_ms: Option<i64>,
+    /// Retention of its blobs.
+    pub retention: RetentionPolicy,
+    /// Where its prompts may be sealed.
+    pub sealing: SealingPolicy,
 }
 
 impl Session {
@@ -218,6 +363,8 @@ pub struct NewTask {
     pub deadline_ms: Option<i64>,
     /// Who submitted it (owner string or API key id), for the audit and for access checks.
     pub submitted_by: String,
+    /// Who sealed its prompt: the router (`/api/v2`) or the client (`/api/v3`).
+    pub sealed_by: super::SealedBy,
 }
 
 /// Task states.
@@ -337,6 +484,14 @@ pub struct Task {
     pub error_message: Option<String>,
     /// When it reached a final state.
     pub finished_at_ms: Option<i64>,
+    /// When its result was first delivered to the caller.
+    pub delivered_at_ms: Option<i64>,
+    /// When the retention policy deleted its prompt blob.
+    pub prompt_deleted_at_ms: Option<i64>,
+    /// When the retention policy deleted its result blob.
+    pub result_deleted_at_ms: Option<i64>,
+    /// Who sealed its prompt (the rewrap job re-seals router-sealed blobs only).
+    pub sealed_by: super::SealedBy,
 }
 
 /// Parameters of [`super::Store::lease`].

@@ -5,10 +5,17 @@
 use uuid::Uuid;
 
 use super::{
-    AllowlistSource, ApiKey, AuditEntry, LeaseRecord, LeasedTask, MinerSession, NewAuditEntry,
-    PrivacySetting, QueueDepth, ReapReport, Result, Session, SessionKind, StoreError, StoreEvent,
-    Task, TaskResultRecord, TaskState,
+    AllowlistSource, ApiKey, AuditEntry, BlobKind, DeletionReason, DueDeletion, LeaseRecord,
+    LeasedTask, MinerSession, NewAuditEntry, PrivacySetting, QueueDepth, ReapReport, Result,
+    RetentionPolicy, SealingPolicy, Session, SessionKind, StoreError, StoreEvent, Task,
+    TaskResultRecord, TaskState,
 };
+
+/// A stored TTL in milliseconds as whole seconds (the API's unit).
+fn ms_to_secs(v: Option<i64>, what: &'static str) -> Result<Option<u64>> {
+    v.map(|ms| u64::try_from(ms / 1000).map_err(|_| corrupt(what)))
+        .transpose()
+}
 
 /// Columns of `tasks` in the order of [`TaskRow`].
 macro_rules! task_columns {
@@ -17,7 +24,8 @@ macro_rules! task_columns {
          state, attempts, max_attempts, created_at_ms, deadline_ms, submitted_by, lease_id, \
          leased_by, lease_expires_at_ms, result_urn, result_hash, result_size, result_miner, \
          result_signature, prompt_tokens, completion_tokens, finish_reason, error_code, \
-         error_message, finished_at_ms"
+         error_message, finished_at_ms, delivered_at_ms, prompt_deleted_at_ms, \
+         result_deleted_at_ms, sealed_by"
     };
 }
 pub(super) use task_columns;
@@ -25,7 +33,8 @@ pub(super) use task_columns;
 /// Columns of `sessions` in the order of [`SessionRow`].
 macro_rules! session_columns {
     () => {
-        "id, owner, kind, private, allowlist_source, created_at_ms, expires_at_ms, closed_at_ms"
+        "id, owner, kind, private, allowlist_source, created_at_ms, expires_at_ms, closed_at_ms, \
+         prompt_on_delivery, prompt_ttl_ms, result_ttl_ms, result_on_fetch, sealing"
     };
 }
 pub(super) use session_columns;
@@ -47,6 +56,91 @@ macro_rules! audit_columns {
     };
 }
 pub(super) use audit_columns;
+
+/// Blobs due for deletion at `$1`, at most `$2`: the prompt and result blobs of finished tasks
+/// whose session is closed, or whose delivery or TTL rule applies. Same text for both backends.
+pub(super) const DUE_DELETIONS: &str = "\
+    SELECT t.id, t.session_id, 'prompt' AS kind, t.prompt_urn AS urn, t.prompt_hash AS hash, \
+           t.key_version, \
+           CASE WHEN s.closed_at_ms IS NOT NULL THEN 'session_closed' \
+                WHEN s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL THEN 'delivered' \
+                ELSE 'ttl' END AS reason \
+    FROM tasks t JOIN sessions s ON s.id = t.session_id \
+    WHERE t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+      AND t.prompt_deleted_at_ms IS NULL \
+      AND (s.closed_at_ms IS NOT NULL \
+           OR (s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL) \
+           OR (s.prompt_ttl_ms IS NOT NULL AND t.created_at_ms + s.prompt_ttl_ms <= $1)) \
+    UNION ALL \
+    SELECT t.id, t.session_id, 'result' AS kind, t.result_urn AS urn, t.result_hash AS hash, \
+           t.key_version, \
+           CASE WHEN s.closed_at_ms IS NOT NULL THEN 'session_closed' \
+                WHEN s.result_on_fetch AND t.delivered_at_ms IS NOT NULL THEN 'delivered' \
+                ELSE 'ttl' END AS reason \
+    FROM tasks t JOIN sessions s ON s.id = t.session_id \
+    WHERE t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+      AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
+      AND (s.closed_at_ms IS NOT NULL \
+           OR (s.result_on_fetch AND t.delivered_at_ms IS NOT NULL) \
+           OR (s.result_ttl_ms IS NOT NULL AND t.finished_at_ms + s.result_ttl_ms <= $1)) \
+    LIMIT $2";
+
+/// Records the first delivery of a completed task's result.
+pub(super) const MARK_DELIVERED: &str = "UPDATE tasks SET delivered_at_ms = $2 \
+    WHERE id = $1 AND delivered_at_ms IS NULL AND result_urn IS NOT NULL";
+
+/// Records a blob's deletion unless already recorded or the task has moved on to another blob;
+/// `$1` task, `$2` time, `$3` the URN deleted.
+pub(super) fn mark_deleted_sql(kind: BlobKind) -> &'static str {
+    match kind {
+        BlobKind::Prompt => {
+            "UPDATE tasks SET prompt_deleted_at_ms = $2 \
+             WHERE id = $1 AND prompt_deleted_at_ms IS NULL AND prompt_urn = $3"
+        }
+        BlobKind::Result => {
+            "UPDATE tasks SET result_deleted_at_ms = $2 \
+             WHERE id = $1 AND result_deleted_at_ms IS NULL AND result_urn = $3"
+        }
+    }
+}
+
+/// Replaces a session's retention and sealing policy.
+pub(super) const SET_SESSION_POLICY: &str = "UPDATE sessions SET prompt_on_delivery = $2, \
+    prompt_ttl_ms = $3, result_ttl_ms = $4, result_on_fetch = $5, sealing = $6 WHERE id = $1";
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct DueRow {
+    id: Uuid,
+    session_id: Uuid,
+    kind: String,
+    urn: String,
+    hash: Vec<u8>,
+    key_version: i64,
+    reason: String,
+}
+
+impl DueRow {
+    pub(super) fn into_due(self) -> Result<DueDeletion> {
+        Ok(DueDeletion {
+            task_id: self.id,
+            session_id: self.session_id,
+            kind: match self.kind.as_str() {
+                "prompt" => BlobKind::Prompt,
+                "result" => BlobKind::Result,
+                _ => return Err(corrupt("due deletion kind")),
+            },
+            urn: self.urn,
+            hash: hash32(&self.hash, "tasks blob hash")?,
+            key_version: to_u32(self.key_version, "tasks.key_version")?,
+            reason: match self.reason.as_str() {
+                "session_closed" => DeletionReason::SessionClosed,
+                "delivered" => DeletionReason::Delivered,
+                "ttl" => DeletionReason::Ttl,
+                _ => return Err(corrupt("due deletion reason")),
+            },
+        })
+    }
+}
 
 /// Code and message of a task cancelled by its session's close.
 pub(super) const SESSION_CLOSED: (&str, &str) = ("session_closed", "the session was closed");
@@ -73,6 +167,11 @@ pub(super) struct SessionRow {
     created_at_ms: i64,
     expires_at_ms: Option<i64>,
     closed_at_ms: Option<i64>,
+    prompt_on_delivery: bool,
+    prompt_ttl_ms: Option<i64>,
+    result_ttl_ms: Option<i64>,
+    result_on_fetch: bool,
+    sealing: String,
 }
 
 impl SessionRow {
@@ -90,6 +189,14 @@ impl SessionRow {
             created_at_ms: self.created_at_ms,
             expires_at_ms: self.expires_at_ms,
             closed_at_ms: self.closed_at_ms,
+            retention: RetentionPolicy {
+                delete_prompt_on_delivery: self.prompt_on_delivery,
+                prompt_ttl_secs: ms_to_secs(self.prompt_ttl_ms, "sessions.prompt_ttl_ms")?,
+                result_ttl_secs: ms_to_secs(self.result_ttl_ms, "sessions.result_ttl_ms")?,
+                delete_result_on_fetch: self.result_on_fetch,
+            },
+            sealing: SealingPolicy::parse(&self.sealing)
+                .ok_or_else(|| corrupt("sessions.sealing"))?,
         })
     }
 
@@ -137,6 +244,10 @@ pub(super) struct TaskRow {
     error_code: Option<String>,
     error_message: Option<String>,
     finished_at_ms: Option<i64>,
+    delivered_at_ms: Option<i64>,
+    prompt_deleted_at_ms: Option<i64>,
+    result_deleted_at_ms: Option<i64>,
+    sealed_by: String,
 }
 
 impl TaskRow {
@@ -186,6 +297,11 @@ impl TaskRow {
             error_code: self.error_code,
             error_message: self.error_message,
             finished_at_ms: self.finished_at_ms,
+            delivered_at_ms: self.delivered_at_ms,
+            prompt_deleted_at_ms: self.prompt_deleted_at_ms,
+            result_deleted_at_ms: self.result_deleted_at_ms,
+            sealed_by: super::SealedBy::parse(&self.sealed_by)
+                .ok_or_else(|| corrupt("tasks.sealed_by"))?,
         })
     }
 }

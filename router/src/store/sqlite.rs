@@ -25,10 +25,17 @@ use super::sql::{
     api_key_columns, audit_columns, db_err, found, insert_err, session_columns, task_columns,
 };
 use super::{
-    ApiKey, AuditEntry, CompleteOutcome, LeaseQuery, LeaseRecord, LeasedTask, MinerSession,
-    NewApiKey, NewAuditEntry, NewMinerSession, NewSession, NewTask, PrivacySetting, QueueDepth,
-    ReapReport, Result, Session, Store, StoreError, StoreEvent, Task, TaskResultRecord, TaskState,
+    ApiKey, AuditEntry, BlobKind, CompleteOutcome, DueDeletion, LeaseQuery, LeaseRecord,
+    LeasedTask, MinerSession, NewApiKey, NewAuditEntry, NewMinerSession, NewSession, NewTask,
+    PrivacySetting, QueueDepth, ReapReport, Result, RetentionPolicy, SealingPolicy, Session, Store,
+    StoreError, StoreEvent, Task, TaskResultRecord, TaskState,
 };
+
+use super::lifecycle;
+
+/// The state of a rewrap journal row, locked until the transaction ends (where the backend
+/// locks rows; SQLite's write transactions are exclusive anyway).
+const REWRAP_STATE: &str = "SELECT state FROM key_rewraps WHERE id = $1";
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -272,6 +279,37 @@ async fn finish(
     row.into_task()
 }
 
+/// Appends `e` to the audit hash chain inside `tx`, so that it commits with the change it
+/// records or not at all.
+pub(super) async fn append_audit(tx: &mut Tx, e: &NewAuditEntry) -> Result<AuditEntry> {
+    let head: Option<AuditHead> =
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_err)?;
+    let entry = sql::next_audit_entry(head, e)?;
+    sqlx::query(
+        "INSERT INTO audit_log (seq, at_ms, actor, action, session_id, task_id, miner, \
+         key_version, detail, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(entry.seq)
+    .bind(e.at_ms)
+    .bind(&e.actor)
+    .bind(&e.action)
+    .bind(e.session_id)
+    .bind(e.task_id)
+    .bind(&e.miner)
+    .bind(e.key_version.map(i64::from))
+    .bind(sql::detail_json(e)?)
+    .bind(&entry.prev_hash[..])
+    .bind(&entry.hash[..])
+    .execute(&mut **tx)
+    .await
+    .map_err(insert_err("audit_entry"))?;
+    Ok(entry)
+}
+
 async fn commit(tx: Tx) -> Result<()> {
     tx.commit().await.map_err(db_err)
 }
@@ -313,7 +351,9 @@ impl Store for SqliteStore {
         let r = async {
             sqlx::query(
                 "INSERT INTO sessions (id, owner, kind, private, allowlist_source, created_at_ms, \
-                 expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                 expires_at_ms, prompt_on_delivery, prompt_ttl_ms, result_ttl_ms, \
+                 result_on_fetch, sealing) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .bind(s.id)
             .bind(&s.owner)
@@ -322,6 +362,11 @@ impl Store for SqliteStore {
             .bind(s.privacy.source.as_str())
             .bind(s.created_at_ms)
             .bind(s.expires_at_ms)
+            .bind(s.retention.delete_prompt_on_delivery)
+            .bind(s.retention.prompt_ttl_ms())
+            .bind(s.retention.result_ttl_ms())
+            .bind(s.retention.delete_result_on_fetch)
+            .bind(s.sealing.as_str())
             .execute(&mut *tx)
             .await
             .map_err(insert_err("session"))?;
@@ -610,8 +655,8 @@ impl Store for SqliteStore {
             let row = sqlx::query_as::<_, TaskRow>(concat!(
                 "INSERT INTO tasks (id, session_id, prompt_urn, prompt_hash, prompt_scope, \
                  key_version, model, params, state, attempts, max_attempts, created_at_ms, \
-                 deadline_ms, submitted_by) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $11, $12) \
+                 deadline_ms, submitted_by, sealed_by) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $11, $12, $13) \
              RETURNING ",
                 task_columns!()
             ))
@@ -627,6 +672,7 @@ impl Store for SqliteStore {
             .bind(t.created_at_ms)
             .bind(t.deadline_ms)
             .bind(&t.submitted_by)
+            .bind(t.sealed_by.as_str())
             .fetch_one(&mut *tx)
             .await
             .map_err(insert_err("task"))?;
@@ -944,39 +990,249 @@ impl Store for SqliteStore {
         Ok(sql::queue_depth(rows))
     }
 
+    // --- retention ----------------------------------------------------------------------------
+
+    async fn set_session_policy(
+        &self,
+        id: Uuid,
+        retention: &RetentionPolicy,
+        sealing: SealingPolicy,
+    ) -> Result<Session> {
+        let mut tx = self.write().await?;
+        let r = async {
+            if session_row(&mut tx, id).await?.is_closed() {
+                return Err(sql::session_closed());
+            }
+            sqlx::query(sql::SET_SESSION_POLICY)
+                .bind(id)
+                .bind(retention.delete_prompt_on_delivery)
+                .bind(retention.prompt_ttl_ms())
+                .bind(retention.result_ttl_ms())
+                .bind(retention.delete_result_on_fetch)
+                .bind(sealing.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            let row = session_row(&mut tx, id).await?;
+            let session = load_session(&mut *tx, row).await?;
+            Ok((session, Vec::new()))
+        }
+        .await;
+        self.settle(tx, r).await
+    }
+
+    async fn mark_delivered(&self, task_id: Uuid, now_ms: i64) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let r = sqlx::query(sql::MARK_DELIVERED)
+            .bind(task_id)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)
+            .map(|done| (done.rows_affected() == 1, Vec::new()));
+        self.settle(tx, r).await
+    }
+
+    async fn due_deletions(&self, now_ms: i64, limit: u32) -> Result<Vec<DueDeletion>> {
+        sqlx::query_as::<_, sql::DueRow>(sql::DUE_DELETIONS)
+            .bind(now_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(sql::DueRow::into_due)
+            .collect()
+    }
+
+    async fn record_deletion(
+        &self,
+        task_id: Uuid,
+        kind: BlobKind,
+        urn: &str,
+        now_ms: i64,
+        audit: &NewAuditEntry,
+    ) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let r = async {
+            let done = sqlx::query(sql::mark_deleted_sql(kind))
+                .bind(task_id)
+                .bind(now_ms)
+                .bind(urn)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            if done.rows_affected() != 1 {
+                return Ok((false, Vec::new()));
+            }
+            append_audit(&mut tx, audit).await?;
+            Ok((true, Vec::new()))
+        }
+        .await;
+        self.settle(tx, r).await
+    }
+
+    // --- key lifecycle ------------------------------------------------------------------------
+
+    async fn key_version_usage(&self) -> Result<Vec<super::KeyVersionUsage>> {
+        sqlx::query_as::<_, lifecycle::UsageRow>(lifecycle::KEY_VERSION_USAGE)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(lifecycle::UsageRow::into_usage)
+            .collect()
+    }
+
+    async fn rewrap_candidates(
+        &self,
+        min_version: u32,
+        target: u32,
+        after: Uuid,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
+        sqlx::query_as::<_, TaskRow>(lifecycle::REWRAP_CANDIDATES)
+            .bind(i64::from(min_version))
+            .bind(i64::from(target))
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(TaskRow::into_task)
+            .collect()
+    }
+
+    async fn count_rewrap_candidates(&self, min_version: u32, target: u32) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(lifecycle::COUNT_REWRAP_CANDIDATES)
+            .bind(i64::from(min_version))
+            .bind(i64::from(target))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn rewrap_begin(&self, r: &super::NewRewrap) -> Result<()> {
+        let mut tx = self.write().await?;
+        let res = sqlx::query(lifecycle::REWRAP_BEGIN)
+            .bind(r.id)
+            .bind(r.task_id)
+            .bind(i64::from(r.old_version))
+            .bind(i64::from(r.new_version))
+            .bind(r.started_at_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(insert_err("rewrap"))
+            .map(|_| ((), Vec::new()));
+        self.settle(tx, res).await
+    }
+
+    async fn rewrap_record_blob(&self, id: Uuid, kind: BlobKind, urn: &str) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let res = sqlx::query(lifecycle::rewrap_record_sql(kind))
+            .bind(id)
+            .bind(urn)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)
+            .map(|done| (done.rows_affected() == 1, Vec::new()));
+        self.settle(tx, res).await
+    }
+
+    async fn rewrap_switch(&self, s: &super::RewrapSwitch, audit: &NewAuditEntry) -> Result<bool> {
+        let binds = lifecycle::SwitchBinds::new(s)?;
+        let mut tx = self.write().await?;
+        let r = async {
+            // The row first: a switch and an abandon of the same row are serialised on it.
+            let state: Option<String> = sqlx::query_scalar(REWRAP_STATE)
+                .bind(s.rewrap_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            if state.as_deref() != Some("pending") {
+                return Ok((false, Vec::new()));
+            }
+            let done = lifecycle::bind_switch!(sqlx::query(lifecycle::REWRAP_SWITCH_TASK), binds)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            if done.rows_affected() != 1 {
+                sqlx::query(lifecycle::REWRAP_ABANDON)
+                    .bind(s.rewrap_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                return Ok((false, Vec::new()));
+            }
+            let (old_prompt, old_result, new_prompt, new_result) = lifecycle::SwitchBinds::moved(s);
+            sqlx::query(lifecycle::REWRAP_MARK_SWITCHED)
+                .bind(s.rewrap_id)
+                .bind(old_prompt)
+                .bind(old_result)
+                .bind(new_prompt)
+                .bind(new_result)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            append_audit(&mut tx, audit).await?;
+            Ok((true, Vec::new()))
+        }
+        .await;
+        self.settle(tx, r).await
+    }
+
+    async fn rewrap_abandon(&self, id: Uuid) -> Result<Option<super::RewrapJournal>> {
+        let mut tx = self.write().await?;
+        let r = async {
+            sqlx::query(lifecycle::REWRAP_ABANDON)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            let row = sqlx::query_as::<_, lifecycle::RewrapRow>(lifecycle::REWRAP_ROW)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            Ok((
+                row.map(lifecycle::RewrapRow::into_journal).transpose()?,
+                Vec::new(),
+            ))
+        }
+        .await;
+        self.settle(tx, r).await
+    }
+
+    async fn rewrap_journal(&self) -> Result<Vec<super::RewrapJournal>> {
+        sqlx::query_as::<_, lifecycle::RewrapRow>(lifecycle::REWRAP_JOURNAL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(lifecycle::RewrapRow::into_journal)
+            .collect()
+    }
+
+    async fn rewrap_forget(&self, id: Uuid) -> Result<()> {
+        let mut tx = self.write().await?;
+        let res = sqlx::query(lifecycle::REWRAP_FORGET)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)
+            .map(|_| ((), Vec::new()));
+        self.settle(tx, res).await
+    }
+
     // --- audit ------------------------------------------------------------------------------
 
     async fn audit(&self, e: &NewAuditEntry) -> Result<AuditEntry> {
         let mut tx = self.write().await?;
-        let r = async {
-            let head: Option<AuditHead> =
-                sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-            let entry = sql::next_audit_entry(head, e)?;
-            sqlx::query(
-                "INSERT INTO audit_log (seq, at_ms, actor, action, session_id, task_id, miner, \
-                 key_version, detail, prev_hash, hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(entry.seq)
-            .bind(e.at_ms)
-            .bind(&e.actor)
-            .bind(&e.action)
-            .bind(e.session_id)
-            .bind(e.task_id)
-            .bind(&e.miner)
-            .bind(e.key_version.map(i64::from))
-            .bind(sql::detail_json(e)?)
-            .bind(&entry.prev_hash[..])
-            .bind(&entry.hash[..])
-            .execute(&mut *tx)
+        let r = append_audit(&mut tx, e)
             .await
-            .map_err(insert_err("audit_entry"))?;
-            Ok((entry, Vec::new()))
-        }
-        .await;
+            .map(|entry| (entry, Vec::new()));
         self.settle(tx, r).await
     }
 

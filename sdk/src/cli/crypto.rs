@@ -60,6 +60,20 @@ pub(crate) enum CryptoCommand {
     )]
     Open(OpenArgs),
 
+    /// Re-seal a blob from stdin under a new key version, written to stdout (key rotation)
+    #[command(
+        long_about = "Open the blob read from stdin with its current key (--key-hex or --key-file) \
+            and seal its plaintext again with the key of the new version (--new-key-hex or \
+            --new-key-file) as version --new-key-version, keeping the blob's session, task, \
+            purpose and chunk size. This is how an owner moves blobs it sealed itself to a new \
+            key version after the router rotates its keyring: derive the old and new K_task \
+            (or K_session) from the session keys of both versions, rewrap, upload the new blob, \
+            then delete the old one. The old blob is checked whole before anything is written; \
+            the plaintext never leaves memory.",
+        after_help = EXIT_STATUS_HELP
+    )]
+    Rewrap(RewrapArgs),
+
     /// Wrap a key to an X25519 recipient; prints 80 bytes as hex (protocol section 4)
     #[command(
         long_about = "Wrap a 32-byte key (K_session or K_task) to a recipient's X25519 public key.\n\n\
@@ -244,6 +258,29 @@ pub(crate) struct OpenArgs {
     key: KeySource,
 }
 
+/// The key of the new version.
+#[derive(Args)]
+#[group(id = "new_key", required = true, multiple = false)]
+pub(crate) struct NewKeySource {
+    /// The new version's key (K_session or K_task) as 64 hex characters
+    #[arg(long = "new-key-hex", value_name = "HEX")]
+    new_key_hex: Option<SecretText>,
+    /// A file holding the new version's key as 64 hex characters (surrounding whitespace ignored)
+    #[arg(long = "new-key-file", value_name = "PATH")]
+    new_key_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(crate) struct RewrapArgs {
+    #[command(flatten)]
+    key: KeySource,
+    #[command(flatten)]
+    new_key: NewKeySource,
+    /// The key version the new key derives from, 0 to 4294967295
+    #[arg(long = "new-key-version", value_name = "N")]
+    new_key_version: u32,
+}
+
 #[derive(Args)]
 pub(crate) struct WrapArgs {
     /// The recipient's X25519 public key, 64 hex characters
@@ -271,6 +308,7 @@ pub(crate) fn execute(cmd: CryptoCommand, stdin: &mut dyn Read) -> Result<Output
         CryptoCommand::Derive(args) => derive(&args),
         CryptoCommand::Seal(args) => seal(&args, stdin),
         CryptoCommand::Open(args) => open(&args, stdin),
+        CryptoCommand::Rewrap(args) => rewrap(&args, stdin),
         CryptoCommand::Wrap(args) => wrap(&args),
         CryptoCommand::Unwrap(args) => unwrap(&args),
         CryptoCommand::X25519Keygen => x25519_keygen(),
@@ -323,6 +361,29 @@ fn open(args: &OpenArgs, stdin: &mut dyn Read) -> Result<Output, CliError> {
     let opened = veil_keys::open(&key, &blob)
         .map_err(|e| CliError::failed("stdin", format!("blob refused [{}]: {e}", e.code())))?;
     Ok(opened.plaintext.into_zeroizing())
+}
+
+fn rewrap(args: &RewrapArgs, stdin: &mut dyn Read) -> Result<Output, CliError> {
+    let old_key = args.key.key()?;
+    let new_key = SecretKey::from_bytes(*secret_from::<32>(
+        "--new-key-hex",
+        args.new_key.new_key_hex.as_ref(),
+        "--new-key-file",
+        args.new_key.new_key_file.as_deref(),
+    )?);
+    let mut blob = Vec::new();
+    stdin
+        .read_to_end(&mut blob)
+        .map_err(|e| CliError::failed("stdin", format!("cannot read the blob: {e}")))?;
+    let (sealed, _) = crate::rewrap::rewrap_blob(&old_key, &new_key, args.new_key_version, &blob)
+        .map_err(|e| match e {
+        crate::rewrap::RewrapError::SameVersion(_) => {
+            CliError::usage("--new-key-version", e.to_string())
+        }
+        crate::rewrap::RewrapError::Open { .. } => CliError::failed("stdin", e.to_string()),
+        crate::rewrap::RewrapError::Seal { .. } => CliError::failed("--new-key-hex", e.to_string()),
+    })?;
+    Ok(Zeroizing::new(sealed))
 }
 
 fn wrap(args: &WrapArgs) -> Result<Output, CliError> {
