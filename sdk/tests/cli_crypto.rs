@@ -39,12 +39,17 @@ fn k_session_hex() -> String {
 }
 
 fn k_task_hex() -> String {
+    k_task_from(SEED)
+}
+
+/// K_task of SESSION/TASK derived from `seed` (64 hex characters).
+fn k_task_from(seed: &str) -> String {
     ok_line(
         &[
             "crypto",
             "derive",
             "--seed-hex",
-            SEED,
+            seed,
             "--session",
             SESSION,
             "--task",
@@ -967,20 +972,7 @@ fn seal_reads_all_of_a_large_stdin() {
 
 /// K_task of SESSION/TASK derived from a seed of one repeated byte.
 fn k_task_of(seed_byte: u8) -> String {
-    let seed = hex::encode([seed_byte; 32]);
-    ok_line(
-        &[
-            "crypto",
-            "derive",
-            "--seed-hex",
-            &seed,
-            "--session",
-            SESSION,
-            "--task",
-            TASK,
-        ],
-        b"",
-    )
+    k_task_from(&hex::encode([seed_byte; 32]))
 }
 
 #[test]

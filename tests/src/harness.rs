@@ -88,46 +88,36 @@ impl TestRouter {
 
     /// POSTs JSON with a bearer key; returns status and JSON body.
     pub async fn post(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
-        let r = http()
-            .post(format!("{}{}", self.url, path))
-            .bearer_auth(key)
-            .json(body)
-            .send()
+        self.call(reqwest::Method::POST, key, path, Some(body))
             .await
-            .expect("request");
-        let status = r.status().as_u16();
-        let text = r.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
     }
 
     /// PUTs JSON with a bearer key; returns status and JSON body.
     pub async fn put(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
-        let r = http()
-            .put(format!("{}{}", self.url, path))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        let text = r.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self.call(reqwest::Method::PUT, key, path, Some(body)).await
     }
 
     /// GETs with a bearer key.
     pub async fn get(&self, key: &str, path: &str) -> (u16, Value) {
-        let r = http()
-            .get(format!("{}{}", self.url, path))
-            .bearer_auth(key)
-            .send()
-            .await
-            .expect("request");
+        self.call(reqwest::Method::GET, key, path, None).await
+    }
+
+    /// Sends a request with a bearer key and an optional JSON body; returns status and the body
+    /// as JSON (or as a string when it is not JSON).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut req = http()
+            .request(method, format!("{}{}", self.url, path))
+            .bearer_auth(key);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let r = req.send().await.expect("request");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
         (
