@@ -265,7 +265,16 @@ impl Keyring {
             return Ok(Self::from_seed(Seed::from_hex(trimmed)?));
         }
         let doc: FileDoc =
-            serde_json::from_str(text).map_err(|e| Error::KeyringFormat(e.to_string()))?;
+            // serde_json's message may quote the offending value, which could be a seed: only
+            // its position is reported.
+            serde_json::from_str(text).map_err(|e| {
+                Error::KeyringFormat(format!(
+                    "not a keyring document ({:?} error at line {}, column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ))
+            })?;
         if doc.format != KEYRING_FORMAT {
             return Err(Error::KeyringFormat(format!(
                 "format is {:?}, expected {KEYRING_FORMAT:?}",
@@ -747,5 +756,17 @@ mod tests {
         assert_eq!(seeded.active(), 1);
         let err = Keyring::from_env_value(var, Ok("nope".into())).unwrap_err();
         assert!(err.to_string().contains(var), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_document_error_never_quotes_its_values() {
+        let seed = "ab".repeat(32);
+        let text = format!(
+            "{{\"format\":\"veil-keyring/1\",\"active\":\"{seed}\",\"min_decrypt\":1,\"versions\":[]}}"
+        );
+        let e = Keyring::from_json(&text).expect_err("active must be a number");
+        let msg = e.to_string();
+        assert!(msg.contains("line 1"), "{msg}");
+        assert!(!msg.contains(&seed[..16]), "{msg}");
     }
 }
