@@ -975,24 +975,26 @@ fn k_task_of(seed_byte: u8) -> String {
     k_task_from(&hex::encode([seed_byte; 32]))
 }
 
+/// `veil crypto rewrap` from the key `old` to the key `new` of version `version`.
+fn rewrap_args<'a>(old: &'a str, new: &'a str, version: &'a str) -> [&'a str; 8] {
+    [
+        "crypto",
+        "rewrap",
+        "--key-hex",
+        old,
+        "--new-key-hex",
+        new,
+        "--new-key-version",
+        version,
+    ]
+}
+
 #[test]
 fn rewrap_moves_a_blob_to_the_new_version_and_keeps_the_rest() {
     let (old, new) = (k_task_of(1), k_task_of(2));
     let data = plaintext(5000);
     let blob = ok(&seal_args(&old, "task", Some("10")), &data);
-    let moved = ok(
-        &[
-            "crypto",
-            "rewrap",
-            "--key-hex",
-            &old,
-            "--new-key-hex",
-            &new,
-            "--new-key-version",
-            "8",
-        ],
-        &blob,
-    );
+    let moved = ok(&rewrap_args(&old, &new, "8"), &blob);
     let (header, sizes, opened) =
         reference::open(&h32(&new), &moved).expect("the independent opener opens the new blob");
     assert_eq!(opened, data);
@@ -1014,51 +1016,12 @@ fn rewrap_moves_a_blob_to_the_new_version_and_keeps_the_rest() {
     );
 
     // A wrong old key, a tampered blob and the same version are refused, with nothing written.
-    let err = fails(
-        &[
-            "crypto",
-            "rewrap",
-            "--key-hex",
-            &new,
-            "--new-key-hex",
-            &new,
-            "--new-key-version",
-            "9",
-        ],
-        &blob,
-        1,
-    );
+    let err = fails(&rewrap_args(&new, &new, "9"), &blob, 1);
     assert!(err.contains("[wrong_key]"), "{err}");
     let mut tampered = blob.clone();
     let last = tampered.len() - 1;
     tampered[last] ^= 1;
-    fails(
-        &[
-            "crypto",
-            "rewrap",
-            "--key-hex",
-            &old,
-            "--new-key-hex",
-            &new,
-            "--new-key-version",
-            "8",
-        ],
-        &tampered,
-        1,
-    );
-    let err = fails(
-        &[
-            "crypto",
-            "rewrap",
-            "--key-hex",
-            &old,
-            "--new-key-hex",
-            &new,
-            "--new-key-version",
-            "7",
-        ],
-        &blob,
-        2,
-    );
+    fails(&rewrap_args(&old, &new, "8"), &tampered, 1);
+    let err = fails(&rewrap_args(&old, &new, "7"), &blob, 2);
     assert!(err.contains("--new-key-version"), "{err}");
 }
