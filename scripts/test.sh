@@ -6,8 +6,9 @@
 #   - a throwaway PostgreSQL server (Debian's postgresql package) for the store and replica tests
 #   - anvil (npm: @foundry-rs/anvil) and solc (npm: solc) for the contract tests, pinned in
 #     contracts/package-lock.json; the committed contract artifact is checked against a recompile
-#   - the `cryptography` and `openai` Python packages (independent vector check; the official
-#     OpenAI client against the router)
+#   - the `cryptography`, `openai` and `eth-account` Python packages (independent vector check;
+#     the official OpenAI client against the router; an independent wallet library that signs and
+#     recovers every EIP-712 message of protocol §6, api/tests/eip712_eth_account.rs)
 #   - cargo-fuzz (crates.io) for the fuzz targets
 # then runs every Rust test in the workspace (unit, integration, doc tests), the
 # independent vector check, and a short run of every fuzz target.
@@ -21,6 +22,7 @@ cd "$root"
 
 MOTO_VERSION=5.2.1
 OPENAI_VERSION=2.8.1
+ETH_ACCOUNT_VERSION=0.14.0 # keep in step with api/tests/eip712_eth_account.rs
 CARGO_FUZZ_VERSION=0.13.2
 CRYPTOGRAPHY_MIN=42
 
@@ -45,6 +47,9 @@ fi
 MOTO=$(command -v moto_server)
 if ! "$PYTHON" -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
   pip_install "openai==$OPENAI_VERSION"
+fi
+if ! "$PYTHON" -c "import eth_account, sys; sys.exit(eth_account.__version__ != '$ETH_ACCOUNT_VERSION')" 2>/dev/null; then
+  pip_install "eth-account==$ETH_ACCOUNT_VERSION"
 fi
 
 # --- services on loopback ---------------------------------------------------

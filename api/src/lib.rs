@@ -6,6 +6,7 @@
 //!   in their protocol §1 text forms.
 //! - [`miner`]: the JSON bodies of the miner API.
 //! - [`error`]: the error body every Veil HTTP endpoint answers with.
+//! - [`v3`]: the JSON bodies of `/api/v3` (wallet-signed, client-sealed).
 //! - [`routes`]: the HTTP paths, so that servers and clients cannot drift apart.
 //!
 //! Nothing here holds a secret: keys cross the wire only wrapped (protocol §4).
@@ -14,6 +15,7 @@ pub mod eip712;
 pub mod error;
 pub mod miner;
 pub mod routes;
+pub mod v3;
 pub mod wire;
 
 pub use eip712::{Domain, Signed, VerifyError};

@@ -74,3 +74,28 @@ pub const MINER_COMPLETE: &str = "/api/miner/leases/{lease_id}/complete";
 pub fn fill(template: &str, name: &str, value: &str) -> String {
     template.replace(&format!("{{{name}}}"), value)
 }
+
+/// v3: deployment parameters for wallet-signing, client-sealing callers.
+pub const V3_CONFIG: &str = "/api/v3/config";
+/// v3: open a session with a signed `OpenSession`.
+pub const V3_SESSIONS: &str = "/api/v3/sessions";
+/// v3: one session (read token).
+pub const V3_SESSION: &str = "/api/v3/sessions/{session_id}";
+/// v3: close a session (read token of its owner).
+pub const V3_SESSION_CLOSE: &str = "/api/v3/sessions/{session_id}/close";
+/// v3: a wrapped key for a signed `KeyRequest`.
+pub const V3_KEYS: &str = "/api/v3/keys";
+/// v3: upload a client-sealed prompt blob through the router.
+pub const V3_PROMPT: &str = "/api/v3/sessions/{session_id}/tasks/{task_id}/prompt";
+/// v3: a presigned upload URL for a prompt blob.
+pub const V3_PROMPT_PRESIGN: &str = "/api/v3/sessions/{session_id}/tasks/{task_id}/prompt/presign";
+/// v3: submit a task with a signed `SubmitTask` (references only).
+pub const V3_COMPLETIONS: &str = "/api/v3/completions";
+/// v3: a task's state and result references (`?wait_ms=` long-polls until final).
+pub const V3_TASK: &str = "/api/v3/tasks/{task_id}";
+/// v3: the sealed result blob.
+pub const V3_TASK_RESULT: &str = "/api/v3/tasks/{task_id}/result";
+/// v3: a presigned download URL for the sealed result blob.
+pub const V3_TASK_RESULT_PRESIGN: &str = "/api/v3/tasks/{task_id}/result/presign";
+/// v3: SSE of the sealed result bytes as the miner produces them.
+pub const V3_TASK_STREAM: &str = "/api/v3/tasks/{task_id}/stream";

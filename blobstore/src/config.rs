@@ -12,6 +12,7 @@ use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::signer::Signer;
 use serde::Deserialize;
 use url::Url;
 use zeroize::Zeroize;
@@ -672,21 +673,22 @@ impl StoreConfig {
         Ok(config)
     }
 
-    /// Builds the object store. Creates the directory of a filesystem store; touches no network.
-    pub(crate) fn build_object_store(&self) -> Result<Arc<dyn ObjectStore>> {
+    /// Builds the object store, and for S3, GCS and Azure the URL signer (the same client).
+    /// Creates the directory of a filesystem store; touches no network.
+    pub(crate) fn build_object_store(&self) -> Result<Clients> {
         self.validate()?;
         let build_err = |source| Error::Backend {
             op: "build",
             source,
         };
         Ok(match &self.backend {
-            Backend::Mem { .. } => Arc::new(InMemory::new()),
+            Backend::Mem { .. } => (Arc::new(InMemory::new()), None),
             Backend::Fs { root, fsync, .. } => {
                 std::fs::create_dir_all(root).map_err(|e| {
                     Error::config("fs.root", format!("cannot create {}: {e}", root.display()))
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(root).map_err(build_err)?;
-                Arc::new(fs.with_fsync(*fsync))
+                (Arc::new(fs.with_fsync(*fsync)), None)
             }
             Backend::S3(c) => {
                 let mut b = AmazonS3Builder::from_env();
@@ -714,7 +716,7 @@ impl StoreConfig {
                         b = b.with_token(token);
                     }
                 }
-                Arc::new(b.build().map_err(build_err)?)
+                with_signer(b.build().map_err(build_err)?)
             }
             Backend::Gcs(c) => {
                 let mut b = GoogleCloudStorageBuilder::from_env();
@@ -725,7 +727,7 @@ impl StoreConfig {
                 if let Some(path) = &c.service_account_path {
                     b = b.with_service_account_path(path.to_string_lossy());
                 }
-                Arc::new(b.build().map_err(build_err)?)
+                with_signer(b.build().map_err(build_err)?)
             }
             Backend::Azure(c) => {
                 let mut b = MicrosoftAzureBuilder::from_env();
@@ -739,10 +741,19 @@ impl StoreConfig {
                 if c.use_emulator {
                     b = b.with_use_emulator(true);
                 }
-                Arc::new(b.build().map_err(build_err)?)
+                with_signer(b.build().map_err(build_err)?)
             }
         })
     }
+}
+
+/// A store's object store and, where it can sign URLs, the same client as a signer.
+pub(crate) type Clients = (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>);
+
+/// One cloud client, used both as the object store and as the URL signer.
+fn with_signer<T: ObjectStore + Signer>(client: T) -> Clients {
+    let client = Arc::new(client);
+    (client.clone(), Some(client))
 }
 
 impl FromStr for StoreConfig {
@@ -1101,11 +1112,18 @@ mod tests {
                 .with_allow_http(true)
                 .with_credentials(S3Credentials::new("id", "secret")),
         );
-        s3.build_object_store().unwrap();
+        assert!(s3.build_object_store().unwrap().1.is_some());
         let az = StoreConfig::azure(AzureConfig::new("c").with_emulator(true));
-        az.build_object_store().unwrap();
+        assert!(az.build_object_store().unwrap().1.is_some());
         let gcs = StoreConfig::gcs(GcsConfig::new("b").with_option("skip_signature", "true"));
-        gcs.build_object_store().unwrap();
+        assert!(gcs.build_object_store().unwrap().1.is_some());
+        assert!(
+            StoreConfig::memory()
+                .build_object_store()
+                .unwrap()
+                .1
+                .is_none()
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The crate's one error type.
 
+use std::time::Duration;
+
 use crate::store::StoreId;
 use crate::urn::{Urn, UrnComponent};
 
@@ -106,10 +108,27 @@ pub enum Error {
     #[error("the blob upload was already aborted by an earlier error")]
     WriterFailed,
 
+    /// This store cannot sign URLs: memory and filesystem stores, and stores opened with
+    /// [`BlobStore::with_object_store`](crate::BlobStore::with_object_store).
+    #[error("blob store {store} cannot presign URLs")]
+    PresignUnsupported {
+        /// This store.
+        store: StoreId,
+    },
+
+    /// A presigned URL lifetime outside 1 s ..= [`MAX_PRESIGN_TTL`](crate::MAX_PRESIGN_TTL).
+    #[error("a presigned URL lifetime of {ttl:?} is out of range (1s to {max:?})")]
+    InvalidTtl {
+        /// The lifetime asked for.
+        ttl: Duration,
+        /// The longest lifetime allowed.
+        max: Duration,
+    },
+
     /// The object store failed.
     #[error("blob store {op} failed: {source}")]
     Backend {
-        /// The operation (`put`, `get`, `head`, `delete`, `multipart`, `build`).
+        /// The operation (`put`, `get`, `head`, `delete`, `multipart`, `build`, `presign`).
         op: &'static str,
         /// The object store's error.
         #[source]
@@ -132,6 +151,8 @@ impl Error {
             Self::Open { .. } => "open_failed",
             Self::Source { .. } => "source_failed",
             Self::WriterFailed => "writer_failed",
+            Self::PresignUnsupported { .. } => "presign_unsupported",
+            Self::InvalidTtl { .. } => "invalid_ttl",
             Self::Backend { .. } => "backend",
         }
     }

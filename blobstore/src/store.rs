@@ -2,16 +2,18 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use object_store::path::Path;
+use object_store::signer::{Method, Signer};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use url::Url;
 use uuid::Uuid;
-use veil_keys::{FRAME_LEN_LEN, HEADER_LEN, Header, SecretKey, TAG_LEN};
+use veil_keys::{FRAME_LEN_LEN, HEADER_LEN, Header, KeyId, Purpose, SecretKey, TAG_LEN};
 
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -21,6 +23,27 @@ use crate::write::BlobWriter;
 
 /// Bytes a blob must have before its header and first frame length can be checked.
 pub(crate) const PREAMBLE_LEN: usize = HEADER_LEN + FRAME_LEN_LEN;
+
+/// Longest lifetime of a presigned URL: 7 days, the S3 (SigV4) and GCS limit.
+pub const MAX_PRESIGN_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// What a presigned URL ([`BlobStore::presign`]) lets its holder do with one object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PresignMethod {
+    /// Upload the object with an HTTP `PUT` of its bytes.
+    Put,
+    /// Download the object with an HTTP `GET`.
+    Get,
+}
+
+impl PresignMethod {
+    fn http(self) -> Method {
+        match self {
+            Self::Put => Method::PUT,
+            Self::Get => Method::GET,
+        }
+    }
+}
 
 /// Which store a URN points into: storage type, provider and bucket.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -144,6 +167,8 @@ pub struct BlobStore {
 
 struct Inner {
     store: Arc<dyn ObjectStore>,
+    /// The same client as `store`, as a URL signer (S3, GCS, Azure opened from a configuration).
+    signer: Option<Arc<dyn Signer>>,
     id: StoreId,
     prefix: Option<String>,
     part_size: usize,
@@ -157,6 +182,7 @@ impl fmt::Debug for BlobStore {
             .field("id", &self.inner.id)
             .field("prefix", &self.inner.prefix)
             .field("store", &format_args!("{}", self.inner.store))
+            .field("can_presign", &self.can_presign())
             .field("part_size", &self.inner.part_size)
             .field("upload_concurrency", &self.inner.upload_concurrency)
             .field("max_get_size", &self.inner.max_get_size)
@@ -168,8 +194,8 @@ impl BlobStore {
     /// Opens the store `config` describes. A filesystem store's directory is created; nothing
     /// touches the network (the first request does).
     pub fn from_config(config: &StoreConfig) -> Result<Self> {
-        let store = config.build_object_store()?;
-        Self::with_object_store(config, store)
+        let (store, signer) = config.build_object_store()?;
+        Self::build(config, store, signer)
     }
 
     /// Opens the store a URL describes ([`StoreConfig::from_url`]).
@@ -188,12 +214,21 @@ impl BlobStore {
 
     /// Uses `store` (any `object_store` implementation, e.g. one wrapped for metrics or
     /// throttling) with the URN identity and tuning of `config`; `config.backend` only supplies
-    /// the storage type, provider and bucket.
+    /// the storage type, provider and bucket. Such a store cannot presign URLs.
     pub fn with_object_store(config: &StoreConfig, store: Arc<dyn ObjectStore>) -> Result<Self> {
+        Self::build(config, store, None)
+    }
+
+    fn build(
+        config: &StoreConfig,
+        store: Arc<dyn ObjectStore>,
+        signer: Option<Arc<dyn Signer>>,
+    ) -> Result<Self> {
         config.validate()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
+                signer,
                 id: config.store_id(),
                 prefix: config.prefix.clone(),
                 part_size: config.part_size,
@@ -379,6 +414,73 @@ impl BlobStore {
         }
     }
 
+    /// Whether this store can sign URLs ([`BlobStore::presign`]): true for S3, GCS and Azure
+    /// stores opened from a configuration, false for memory and filesystem stores and for stores
+    /// opened with [`BlobStore::with_object_store`].
+    pub fn can_presign(&self) -> bool {
+        self.inner.signer.is_some()
+    }
+
+    /// A fresh URN in this store for a blob uploaded by someone else (e.g. through a presigned
+    /// `PUT` URL): `{prefix/}{uuid v7}.veil`, a UUIDv7 file name under the configured prefix,
+    /// like the names [`put`](Self::put) gives (74 random bits keep them from colliding).
+    /// Nothing is written.
+    pub fn fresh_urn(&self) -> Result<Urn> {
+        self.urn_under_prefix(format!("{}.veil", Uuid::now_v7().hyphenated()))
+    }
+
+    /// A fresh URN laid out exactly as [`put`](Self::put) names a blob sealed under `key` for
+    /// `purpose`: `{prefix/}{session_id}/{task_id | session}/{purpose}-{uuid v7}.veil`.
+    /// Nothing is written.
+    pub fn fresh_urn_for(&self, key: &KeyId, purpose: Purpose) -> Result<Urn> {
+        let task = key
+            .task_id
+            .map_or_else(|| "session".to_owned(), |t| t.hyphenated().to_string());
+        self.urn_under_prefix(format!(
+            "{}/{task}/{purpose}-{}.veil",
+            key.session_id.hyphenated(),
+            Uuid::now_v7().hyphenated()
+        ))
+    }
+
+    fn urn_under_prefix(&self, name: String) -> Result<Urn> {
+        let file_name = match &self.inner.prefix {
+            Some(prefix) => format!("{prefix}/{name}"),
+            None => name,
+        };
+        self.inner.id.urn(file_name)
+    }
+
+    /// A URL that lets its holder `PUT` (upload) or `GET` (download) exactly the object of
+    /// `urn`, and nothing else, for `ttl` (1 s up to [`MAX_PRESIGN_TTL`], 7 days). The object
+    /// path signed is the one [`get`](Self::get) and [`put`](Self::put) use for that URN.
+    /// Signing is local (no request is made), except where credentials must first be fetched.
+    ///
+    /// An upload through such a URL bypasses this store's checks: the bytes are not checked to
+    /// be a sealed blob, and an existing object is not protected from being overwritten while
+    /// the URL is valid. Presign `PUT`s only for fresh URNs ([`fresh_urn`](Self::fresh_urn)),
+    /// and check what arrived (e.g. [`get`](Self::get) or [`get_stream`](Self::get_stream)
+    /// with the hash the uploader claims) before relying on it. On Azure the uploader must also
+    /// send `x-ms-blob-type: BlockBlob`.
+    ///
+    /// Errors: [`Error::PresignUnsupported`] on a store that cannot sign
+    /// ([`can_presign`](Self::can_presign) is false), [`Error::InvalidTtl`],
+    /// [`Error::ForeignUrn`] for a URN of another store, [`Error::Backend`] (`presign`) if
+    /// signing fails.
+    pub async fn presign(&self, method: PresignMethod, urn: &Urn, ttl: Duration) -> Result<Url> {
+        let Some(signer) = &self.inner.signer else {
+            return Err(Error::PresignUnsupported {
+                store: self.inner.id.clone(),
+            });
+        };
+        check_presign_ttl(ttl)?;
+        let path = self.path_of(urn)?;
+        signer
+            .signed_url(method.http(), &path, ttl)
+            .await
+            .map_err(|e| Error::backend("presign", urn, e))
+    }
+
     /// Checks that `urn` is this store's and maps it to an object path.
     fn path_of(&self, urn: &Urn) -> Result<Path> {
         if !self.owns(urn) {
@@ -396,21 +498,7 @@ impl BlobStore {
 
     /// A fresh URN and object path for a blob with this header.
     pub(crate) fn new_location(&self, header: &Header) -> Result<(Urn, Path)> {
-        let task = header
-            .key
-            .task_id
-            .map_or_else(|| "session".to_owned(), |t| t.hyphenated().to_string());
-        let name = format!(
-            "{}/{task}/{}-{}.veil",
-            header.key.session_id.hyphenated(),
-            header.purpose,
-            Uuid::now_v7().hyphenated()
-        );
-        let file_name = match &self.inner.prefix {
-            Some(prefix) => format!("{prefix}/{name}"),
-            None => name,
-        };
-        let urn = self.inner.id.urn(file_name)?;
+        let urn = self.fresh_urn_for(&header.key, header.purpose)?;
         let path = self.path_of(&urn)?;
         Ok((urn, path))
     }
@@ -434,6 +522,17 @@ impl BlobStore {
             Err(e) => Err(Error::backend("put", urn, e)),
         }
     }
+}
+
+/// Checks that a presigned URL lifetime is between 1 s and [`MAX_PRESIGN_TTL`].
+fn check_presign_ttl(ttl: Duration) -> Result<()> {
+    if ttl < Duration::from_secs(1) || ttl > MAX_PRESIGN_TTL {
+        return Err(Error::InvalidTtl {
+            ttl,
+            max: MAX_PRESIGN_TTL,
+        });
+    }
+    Ok(())
 }
 
 /// Checks that `start` (the first bytes of a blob, at least [`PREAMBLE_LEN`] of them unless the
@@ -508,6 +607,85 @@ mod tests {
         }
         assert!(StoreId::new(StorageType::S3, "MinIO", "veil").is_err());
         assert!(StoreId::new(StorageType::S3, "minio", "").is_err());
+    }
+
+    #[test]
+    fn presign_ttls_are_bounded_to_seven_days() {
+        for ok in [
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            MAX_PRESIGN_TTL,
+        ] {
+            check_presign_ttl(ok).unwrap();
+        }
+        for bad in [
+            Duration::ZERO,
+            Duration::from_millis(999),
+            MAX_PRESIGN_TTL + Duration::from_secs(1),
+            Duration::from_secs(30 * 24 * 3600),
+        ] {
+            let err = check_presign_ttl(bad).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidTtl { ttl, max } if ttl == bad && max == MAX_PRESIGN_TTL),
+                "{bad:?}: {err:?}"
+            );
+            assert_eq!(err.kind_code(), "invalid_ttl");
+        }
+        assert_eq!(MAX_PRESIGN_TTL.as_secs(), 604_800);
+    }
+
+    /// Signing with static credentials is local, so an S3 store on an unreachable endpoint can
+    /// show what is signed: the URN's whole file name (prefix included), for the TTL asked.
+    #[tokio::test]
+    async fn s3_presigns_the_object_path_of_the_urn() {
+        use crate::config::{S3Config, S3Credentials};
+        let config = StoreConfig::s3(
+            S3Config::new("bkt")
+                .with_provider("minio")
+                .with_region("us-east-1")
+                .with_endpoint("http://127.0.0.1:1")
+                .with_allow_http(true)
+                .with_path_style(true)
+                .with_credentials(S3Credentials::new("id", "secret")),
+        )
+        .with_prefix("tenant/a");
+        let store = BlobStore::from_config(&config).unwrap();
+        assert!(store.can_presign());
+        let urn = store.fresh_urn().unwrap();
+        assert!(urn.file_name().starts_with("tenant/a/"), "{urn}");
+        assert!(store.owns(&urn));
+        for (method, ttl) in [
+            (PresignMethod::Put, Duration::from_secs(900)),
+            (PresignMethod::Get, MAX_PRESIGN_TTL),
+        ] {
+            let url = store.presign(method, &urn, ttl).await.unwrap();
+            assert_eq!(url.path(), format!("/bkt/{}", urn.file_name()));
+            let expires = url
+                .query_pairs()
+                .find(|(k, _)| k == "X-Amz-Expires")
+                .map(|(_, v)| v.into_owned());
+            assert_eq!(expires, Some(ttl.as_secs().to_string()));
+        }
+        let err = store
+            .presign(
+                PresignMethod::Get,
+                &urn,
+                MAX_PRESIGN_TTL + Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind_code(), "invalid_ttl");
+        let foreign: Urn = "urn:blob:v1:s3:minio:other:tenant/a/x.veil"
+            .parse()
+            .unwrap();
+        let err = store
+            .presign(PresignMethod::Get, &foreign, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind_code(), "foreign_urn");
+        // A store given its object store directly has no signer.
+        let plain = BlobStore::with_object_store(&config, store.object_store().clone()).unwrap();
+        assert!(!plain.can_presign());
     }
 
     #[test]

@@ -1,12 +1,19 @@
-//! Per-API-key limits: requests per minute (a GCRA limiter from `governor`) and concurrent
-//! requests (a semaphore). Both are answered with 429 and `Retry-After`.
+//! Per-caller limits (an API key, or a wallet on `/api/v3`): requests per minute (a GCRA limiter
+//! from `governor`) and concurrent requests (a semaphore). Both are answered with 429 and
+//! `Retry-After`.
+//!
+//! Limiters are created on first use. Since anyone can make new wallets, the table is swept when
+//! it grows: a limiter idle for a minute with no request in flight is back at its full quota, so
+//! dropping it changes nothing for its caller.
 //!
 //! Limits are kept per router process: with N replicas behind a load balancer a key can reach
 //! up to N times its rate. A shared limiter would need a shared counter store; see docs.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use governor::clock::{Clock, DefaultClock};
@@ -22,12 +29,50 @@ struct KeyLimits {
     max_concurrent: u32,
     rate: Option<DefaultDirectRateLimiter>,
     concurrent: Option<Arc<Semaphore>>,
+    /// Milliseconds after [`Limits::epoch`] of the last admission.
+    last_used_ms: AtomicU64,
 }
 
-/// All keys' limiters, created on first use and rebuilt when a key's limits change.
-#[derive(Default)]
+impl KeyLimits {
+    /// No request in flight and none admitted for a minute: the limiter is at its full quota.
+    fn is_idle(&self, now_ms: u64) -> bool {
+        let in_flight = self
+            .concurrent
+            .as_ref()
+            .is_some_and(|s| s.available_permits() < self.max_concurrent as usize);
+        !in_flight
+            && now_ms.saturating_sub(self.last_used_ms.load(Ordering::Relaxed))
+                >= IDLE_AFTER.as_millis() as u64
+    }
+}
+
+/// A limiter unused this long is at its full quota again (quotas are per minute).
+const IDLE_AFTER: Duration = Duration::from_secs(60);
+/// The table is swept of idle limiters once it holds more than this many.
+const SWEEP_ABOVE: usize = 10_000;
+
+/// All callers' limiters, created on first use and rebuilt when a caller's limits change.
 pub struct Limits {
-    keys: Mutex<HashMap<Uuid, Arc<KeyLimits>>>,
+    table: Mutex<Table>,
+    epoch: Instant,
+}
+
+struct Table {
+    keys: HashMap<Uuid, Arc<KeyLimits>>,
+    /// Sweep when the table grows past this (doubles when a sweep frees too little).
+    sweep_at: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            table: Mutex::new(Table {
+                keys: HashMap::new(),
+                sweep_at: SWEEP_ABOVE,
+            }),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Limits {
@@ -43,12 +88,21 @@ pub struct Permit {
 }
 
 impl Limits {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn for_key(&self, key: &ApiKey) -> Arc<KeyLimits> {
-        let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = map.get(&key.id)
+        self.for_key_at(key, self.now_ms())
+    }
+
+    fn for_key_at(&self, key: &ApiKey, now: u64) -> Arc<KeyLimits> {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = table.keys.get(&key.id)
             && l.rate_per_minute == key.rate_per_minute
             && l.max_concurrent == key.max_concurrent
         {
+            l.last_used_ms.store(now, Ordering::Relaxed);
             return l.clone();
         }
         let l = Arc::new(KeyLimits {
@@ -58,9 +112,28 @@ impl Limits {
                 .map(|n| DefaultDirectRateLimiter::direct(Quota::per_minute(n))),
             concurrent: (key.max_concurrent > 0)
                 .then(|| Arc::new(Semaphore::new(key.max_concurrent as usize))),
+            last_used_ms: AtomicU64::new(now),
         });
-        map.insert(key.id, l.clone());
+        table.keys.insert(key.id, l.clone());
+        if table.keys.len() > table.sweep_at {
+            table.keys.retain(|_, l| !l.is_idle(now));
+            table.sweep_at = SWEEP_ABOVE.max(2 * table.keys.len());
+        }
         l
+    }
+
+    /// Number of limiters held (for tests and diagnostics).
+    pub fn len(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys
+            .len()
+    }
+
+    /// Whether no limiter is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Admits one request for `key` or answers 429 with `Retry-After`.
@@ -73,7 +146,7 @@ impl Limits {
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_concurrent_requests",
                     format!(
-                        "this API key allows {} concurrent requests; retry when one finishes",
+                        "this caller (API key or wallet) allows {} concurrent requests; retry when one finishes",
                         l.max_concurrent
                     ),
                 );
@@ -91,7 +164,7 @@ impl Limits {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
-                    "this API key allows {} requests per minute",
+                    "this caller (API key or wallet) allows {} requests per minute",
                     l.rate_per_minute
                 ),
             );
@@ -101,5 +174,58 @@ impl Limits {
         Ok(Permit {
             _concurrent: concurrent,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(i: u32) -> ApiKey {
+        ApiKey {
+            id: Uuid::from_u128(u128::from(i) + 1),
+            owner: format!("key:{i}"),
+            prefix: String::new(),
+            admin: false,
+            rate_per_minute: 600,
+            max_concurrent: 4,
+            default_session: None,
+            created_at_ms: 0,
+            revoked_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn idle_limiters_are_swept_when_the_table_grows() {
+        let limits = Limits::default();
+        for i in 0..SWEEP_ABOVE as u32 {
+            limits.for_key_at(&caller(i), 0);
+        }
+        assert_eq!(limits.len(), SWEEP_ABOVE, "no sweep below the bound");
+        // One caller still has a request in flight, one was admitted recently.
+        let busy = limits.for_key_at(&caller(0), 0);
+        let _in_flight = busy
+            .concurrent
+            .clone()
+            .unwrap()
+            .try_acquire_owned()
+            .unwrap();
+        limits.for_key_at(&caller(1), 30_000);
+        // The next new caller, a minute later, triggers the sweep.
+        limits.for_key_at(&caller(SWEEP_ABOVE as u32), 60_000);
+        assert_eq!(limits.len(), 3, "busy, recent and new callers stay");
+    }
+
+    #[test]
+    fn a_spent_quota_is_answered_429_with_retry_after() {
+        let limits = Limits::default();
+        let key = ApiKey {
+            rate_per_minute: 1,
+            ..caller(7)
+        };
+        limits.admit(&key).unwrap();
+        let e = limits.admit(&key).unwrap_err();
+        assert_eq!(e.code, "rate_limited");
+        assert!(e.retry_after.unwrap() >= 1);
     }
 }

@@ -285,10 +285,13 @@ async fn reaper(state: AppState) {
             }
             Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
         }
-        if n.is_multiple_of(120)
-            && let Err(e) = state.store.prune_nonces(now_ms()).await
-        {
-            tracing::warn!(error = %e, "nonce pruning failed");
+        if n.is_multiple_of(120) {
+            if let Err(e) = state.store.prune_nonces(now_ms()).await {
+                tracing::warn!(error = %e, "nonce pruning failed");
+            }
+            if let Err(e) = state.store.prune_read_tokens(now_ms()).await {
+                tracing::warn!(error = %e, "read token pruning failed");
+            }
         }
     }
 }

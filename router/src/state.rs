@@ -91,6 +91,20 @@ pub struct KeyService {
     failed: Mutex<Option<FileStamp>>,
     /// Serialises this process's changes and reloads.
     writer: tokio::sync::Mutex<()>,
+    /// Keys derived for the router's own use (v2 sealing and opening, rewrap).
+    derived_own_use: std::sync::atomic::AtomicU64,
+    /// Keys derived only to be wrapped to a recipient.
+    derived_for_wrap: std::sync::atomic::AtomicU64,
+}
+
+/// How many keys the key service has derived since it started, by use. `/api/v3` never derives
+/// a key for the router's own use: only to wrap it to a signed request's recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyDerivations {
+    /// For the router's own use: sealing a v2 prompt, opening a v2 result, rewrapping a blob.
+    pub own_use: u64,
+    /// To be wrapped to a recipient and dropped (protocol §4).
+    pub for_wrap: u64,
 }
 
 impl std::fmt::Debug for KeyService {
@@ -233,7 +247,29 @@ impl KeyService {
             stamp: Mutex::new(None),
             failed: Mutex::new(None),
             writer: tokio::sync::Mutex::new(()),
+            derived_own_use: Default::default(),
+            derived_for_wrap: Default::default(),
         }
+    }
+
+    /// Keys derived since start, by use.
+    pub fn derivations(&self) -> KeyDerivations {
+        use std::sync::atomic::Ordering::Relaxed;
+        KeyDerivations {
+            own_use: self.derived_own_use.load(Relaxed),
+            for_wrap: self.derived_for_wrap.load(Relaxed),
+        }
+    }
+
+    fn count(&self, own_use: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (counter, label) = if own_use {
+            (&self.derived_own_use, "own_use")
+        } else {
+            (&self.derived_for_wrap, "wrap")
+        };
+        counter.fetch_add(1, Relaxed);
+        metrics::counter!("veil_keys_derived_total", "use" => label).increment(1);
     }
 
     /// Where the keyring comes from.
@@ -341,9 +377,12 @@ impl KeyService {
         session: &Uuid,
         task: &Uuid,
     ) -> Result<SecretKey, ApiError> {
-        self.read()
+        let key = self
+            .read()
             .task_key(version, session, task)
-            .map_err(key_error)
+            .map_err(key_error)?;
+        self.count(true);
+        Ok(key)
     }
 
     /// `K_task` wrapped to `recipient`. The derived key is dropped (zeroized) before returning.
@@ -354,7 +393,11 @@ impl KeyService {
         task: &Uuid,
         recipient: &X25519Public,
     ) -> Result<[u8; 80], ApiError> {
-        let key = self.task_key(version, session, task)?;
+        let key = self
+            .read()
+            .task_key(version, session, task)
+            .map_err(key_error)?;
+        self.count(false);
         veil_keys::wrap_key(recipient, &key, &KeyId::task(version, *session, *task))
             .map_err(|e| ApiError::forbidden(e.code(), e.to_string()).param("message.recipient"))
     }
@@ -370,6 +413,7 @@ impl KeyService {
             .read()
             .session_key(version, session)
             .map_err(key_error)?;
+        self.count(false);
         veil_keys::wrap_key(recipient, &key, &KeyId::session(version, *session))
             .map_err(|e| ApiError::forbidden(e.code(), e.to_string()).param("message.recipient"))
     }

@@ -16,8 +16,9 @@ use uuid::Uuid;
 use veil_router::store::{
     AllowlistSource, AuditEntry, BlobKind, CompleteOutcome, DeletionReason, LeaseQuery, LeasedTask,
     NewApiKey, NewAuditEntry, NewMinerSession, NewSession, NewTask, PrivacySetting, QueueDepth,
-    Result, RetentionPolicy, SealingPolicy, Session, SessionKind, Store, StoreError, StoreEvent,
-    Task, TaskParams, TaskResultRecord, TaskState, audit_hash, open, verify_audit_chain,
+    ReadTokenRecord, Result, RetentionPolicy, SealingPolicy, Session, SessionKind, Store,
+    StoreError, StoreEvent, Task, TaskParams, TaskResultRecord, TaskState, audit_hash, open,
+    verify_audit_chain,
 };
 use veil_router::store::{
     KeyVersionUsage, MovedBlob, NewRewrap, RewrapState, RewrapSwitch, SealedBy,
@@ -155,6 +156,7 @@ suite!(
     api_keys,
     miner_sessions_and_served_models,
     nonces,
+    read_tokens,
     enqueue_and_get,
     enqueue_refuses_closed_and_expired_sessions,
     lease_is_fair_across_sessions,
@@ -637,6 +639,55 @@ async fn nonces(s: Arc<dyn Store>, _b: &Backend) {
         .await
         .expect("a pruned pair is forgotten");
     expect_exists(s.use_nonce(MINER_A, &n2, T0 + 100).await, "nonce");
+}
+
+fn read_token(hash: u8, owner: &str, session_id: Uuid, expires_at_ms: i64) -> ReadTokenRecord {
+    ReadTokenRecord {
+        token_hash: [hash; 32],
+        owner: owner.into(),
+        session_id,
+        created_at_ms: T0,
+        expires_at_ms,
+    }
+}
+
+async fn read_tokens(s: Arc<dyn Store>, b: &Backend) {
+    let sess = session(&s, public()).await;
+    let t1 = read_token(1, MINER_A, sess.id, T0 + 100);
+    s.create_read_token(&t1).await.unwrap();
+    s.create_read_token(&read_token(2, MINER_A, sess.id, T0 + 1_000))
+        .await
+        .unwrap();
+    assert_eq!(s.read_token(&[1; 32], T0 + 99).await.unwrap(), t1);
+    expect_not_found(s.read_token(&[1; 32], T0 + 100).await, "read_token");
+    expect_not_found(s.read_token(&[9; 32], T0).await, "read_token");
+    expect_exists(
+        s.create_read_token(&read_token(1, MINER_B, sess.id, T0 + 5_000))
+            .await,
+        "read_token",
+    );
+    expect_not_found(
+        s.create_read_token(&read_token(3, MINER_A, Uuid::now_v7(), T0 + 100))
+            .await,
+        "session",
+    );
+    // Another replica sees the same tokens.
+    let r = b.replica().await;
+    assert_eq!(r.read_token(&[1; 32], T0).await.unwrap(), t1);
+    assert_eq!(
+        s.prune_read_tokens(T0 + 99).await.unwrap(),
+        0,
+        "not yet expired"
+    );
+    assert_eq!(s.prune_read_tokens(T0 + 100).await.unwrap(), 1);
+    expect_not_found(r.read_token(&[1; 32], T0).await, "read_token");
+    assert_eq!(
+        s.read_token(&[2; 32], T0 + 999)
+            .await
+            .unwrap()
+            .expires_at_ms,
+        T0 + 1_000
+    );
 }
 
 async fn enqueue_and_get(s: Arc<dyn Store>, _b: &Backend) {

@@ -2,42 +2,12 @@
 //! private-session allowlists, a miner killed mid-lease, a tampered prompt blob, and the
 //! canary check over the data directory and the captured logs.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use veil_api::miner::{ChatMessage, PromptPayload, TaskParams};
 use veil_miner::InstantEngine;
-use veil_tests::harness::{TestRouter, contains, files_under, http, miner};
-
-/// Every log line of this test binary, at debug level, captured for the canary check.
-fn logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let b2 = buf.clone();
-        let make = move || Capture(b2.clone());
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-            .with_writer(make)
-            .with_ansi(false)
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use veil_tests::harness::{TestRouter, contains, files_under, http, logs, miner};
 
 fn chat(content: &str, max_tokens: u32) -> Value {
     json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "seed": 7})
@@ -168,6 +138,10 @@ async fn v2_completion_plain_and_streamed() {
 
     let summary = worker.shutdown().await.unwrap();
     assert_eq!(summary.completed, 2);
+    // v2 seals and opens at the edge: per completion, K_task is derived once for the router's
+    // own use (it seals the prompt and opens the result with it) and once to wrap for the miner.
+    let d = router.state.keys.derivations();
+    assert_eq!((d.own_use, d.for_wrap), (2, 2), "{d:?}");
     router.stop().await;
 }
 

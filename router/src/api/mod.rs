@@ -20,19 +20,21 @@ pub mod keys;
 pub mod miner;
 pub mod ops;
 pub mod v2;
+pub mod v3;
 
 /// The OpenAPI document's fixed parts; paths are collected from the handlers.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Veil router",
-        description = "Private LLM inference over sealed blobs: OpenAI-compatible /api/v2, admin API and miner API. Errors use {\"error\":{\"code\",\"message\",\"type\",\"param\"}}.",
+        description = "Private LLM inference over sealed blobs: OpenAI-compatible /api/v2, wallet-signed client-sealed /api/v3, admin API and miner API. Errors use {\"error\":{\"code\",\"message\",\"type\",\"param\"}}.",
         license(name = "Apache-2.0")
     ),
     components(schemas(veil_api::ErrorBody)),
     modifiers(&BearerAuth),
     tags(
         (name = "v2", description = "OpenAI-compatible completions with server-side sealing"),
+        (name = "v3", description = "Wallet-signed (EIP-712), client-sealed completions: the router sees references only"),
         (name = "sessions", description = "Sessions and their privacy settings"),
         (name = "admin", description = "API keys, the key lifecycle and the audit log (admin API key)"),
         (name = "miner", description = "The miner protocol (MinerLogin bearer token)"),
@@ -56,6 +58,10 @@ impl utoipa::Modify for BearerAuth {
             "miner_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        components.add_security_scheme(
+            "read_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -64,6 +70,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(ops::routes())
         .merge(v2::routes())
+        .merge(v3::routes())
         .merge(deployment::routes())
         .merge(admin::routes())
         .merge(keys::routes())
@@ -112,12 +119,15 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Routes whose handlers bound their own time (completions wait for a result, miners long-poll
-/// and stream uploads) skip the generic request timeout.
+/// and stream uploads, v3 callers long-poll, stream results and upload prompts) skip the
+/// generic request timeout.
 async fn timeout_unless_long(req: Request, next: Next, timeout: Duration) -> Response {
     let path = req.uri().path();
     let long = path.starts_with("/api/v2/completions")
         || path.starts_with("/api/v2/chat/completions")
-        || path.starts_with("/api/miner/");
+        || path.starts_with("/api/miner/")
+        || path.starts_with("/api/v3/tasks/")
+        || (path.starts_with("/api/v3/sessions/") && path.ends_with("/prompt"));
     if long {
         return next.run(req).await;
     }

@@ -140,6 +140,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Removes pairs whose message expired before `now_ms`. Returns how many.
     async fn prune_nonces(&self, now_ms: i64) -> Result<u64>;
 
+    // --- v3 read tokens -----------------------------------------------------------------------
+    /// Stores a read token (its hash only). `AlreadyExists { what: "read_token" }` when the hash
+    /// is taken; `NotFound { what: "session" }` when the session does not exist.
+    async fn create_read_token(&self, t: &ReadTokenRecord) -> Result<()>;
+    /// Looks a read token up by the SHA-256 of its text; `NotFound { what: "read_token" }` when
+    /// unknown or expired at `now_ms` (a token expiring at `now_ms` is refused).
+    async fn read_token(&self, token_hash: &[u8; 32], now_ms: i64) -> Result<ReadTokenRecord>;
+    /// Removes tokens expired at `now_ms`. Returns how many.
+    async fn prune_read_tokens(&self, now_ms: i64) -> Result<u64>;
+
     // --- tasks and the queue ----------------------------------------------------------------
     /// Queues a task (state `queued`). `Conflict(session_closed)` for a closed or expired
     /// session; `AlreadyExists` for a duplicate id. Publishes `TaskAvailable`.

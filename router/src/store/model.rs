@@ -333,6 +333,22 @@ pub struct NewMinerSession {
 /// A stored miner session.
 pub type MinerSession = NewMinerSession;
 
+/// A `/api/v3` read token: a bearer token of a session's owner that opens the read endpoints
+/// of that one session. Only the SHA-256 of the token text is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadTokenRecord {
+    /// SHA-256 of the token text (`vst_…`).
+    pub token_hash: [u8; 32],
+    /// Checksummed address of the session owner it was issued to.
+    pub owner: String,
+    /// The session it opens.
+    pub session_id: Uuid,
+    /// Issue time.
+    pub created_at_ms: i64,
+    /// Refused from this time on.
+    pub expires_at_ms: i64,
+}
+
 /// Non-secret task parameters, stored as JSON.
 pub type TaskParams = veil_api::miner::TaskParams;
 

@@ -6,9 +6,9 @@ use uuid::Uuid;
 
 use super::{
     AllowlistSource, ApiKey, AuditEntry, BlobKind, DeletionReason, DueDeletion, LeaseRecord,
-    LeasedTask, MinerSession, NewAuditEntry, PrivacySetting, QueueDepth, ReapReport, Result,
-    RetentionPolicy, SealingPolicy, Session, SessionKind, StoreError, StoreEvent, Task,
-    TaskResultRecord, TaskState,
+    LeasedTask, MinerSession, NewAuditEntry, PrivacySetting, QueueDepth, ReadTokenRecord,
+    ReapReport, Result, RetentionPolicy, SealingPolicy, Session, SessionKind, StoreError,
+    StoreEvent, Task, TaskResultRecord, TaskState,
 };
 
 /// A stored TTL in milliseconds as whole seconds (the API's unit).
@@ -420,6 +420,40 @@ impl MinerSessionRow {
             miner: self.miner,
             recipient: hash32(&self.recipient, "miner_sessions.recipient")?,
             models: parse_models(&self.models)?,
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+        })
+    }
+}
+
+/// Inserts a read token, only if its session exists (`$3`); the same text for both backends.
+pub(super) const INSERT_READ_TOKEN: &str = "\
+    INSERT INTO read_tokens (token_hash, owner, session_id, created_at_ms, expires_at_ms) \
+    SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3)";
+
+/// A read token valid at `$2`, by hash (`$1`).
+pub(super) const SELECT_READ_TOKEN: &str = "\
+    SELECT token_hash, owner, session_id, created_at_ms, expires_at_ms \
+    FROM read_tokens WHERE token_hash = $1 AND expires_at_ms > $2";
+
+/// Deletes the read tokens expired at `$1`.
+pub(super) const PRUNE_READ_TOKENS: &str = "DELETE FROM read_tokens WHERE expires_at_ms <= $1";
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct ReadTokenRow {
+    token_hash: Vec<u8>,
+    owner: String,
+    session_id: Uuid,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl ReadTokenRow {
+    pub(super) fn into_record(self) -> Result<ReadTokenRecord> {
+        Ok(ReadTokenRecord {
+            token_hash: hash32(&self.token_hash, "read_tokens.token_hash")?,
+            owner: self.owner,
+            session_id: self.session_id,
             created_at_ms: self.created_at_ms,
             expires_at_ms: self.expires_at_ms,
         })

@@ -21,14 +21,15 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::sql::{
-    self, ApiKeyRow, AuditHead, AuditRow, LeaseRow, MinerSessionRow, SessionRow, TaskRow,
-    api_key_columns, audit_columns, db_err, found, insert_err, session_columns, task_columns,
+    self, ApiKeyRow, AuditHead, AuditRow, LeaseRow, MinerSessionRow, ReadTokenRow, SessionRow,
+    TaskRow, api_key_columns, audit_columns, db_err, found, insert_err, session_columns,
+    task_columns,
 };
 use super::{
     ApiKey, AuditEntry, BlobKind, CompleteOutcome, DueDeletion, LeaseQuery, LeaseRecord,
     LeasedTask, MinerSession, NewApiKey, NewAuditEntry, NewMinerSession, NewSession, NewTask,
-    PrivacySetting, QueueDepth, ReapReport, Result, RetentionPolicy, SealingPolicy, Session, Store,
-    StoreError, StoreEvent, Task, TaskResultRecord, TaskState,
+    PrivacySetting, QueueDepth, ReadTokenRecord, ReapReport, Result, RetentionPolicy,
+    SealingPolicy, Session, Store, StoreError, StoreEvent, Task, TaskResultRecord, TaskState,
 };
 
 use super::lifecycle;
@@ -634,6 +635,43 @@ impl Store for SqliteStore {
 
     async fn prune_nonces(&self, now_ms: i64) -> Result<u64> {
         let done = sqlx::query("DELETE FROM nonces WHERE expires_at_ms < $1")
+            .bind(now_ms)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    // --- v3 read tokens -----------------------------------------------------------------------
+
+    async fn create_read_token(&self, t: &ReadTokenRecord) -> Result<()> {
+        let done = sqlx::query(sql::INSERT_READ_TOKEN)
+            .bind(&t.token_hash[..])
+            .bind(&t.owner)
+            .bind(t.session_id)
+            .bind(t.created_at_ms)
+            .bind(t.expires_at_ms)
+            .execute(&self.writer)
+            .await
+            .map_err(insert_err("read_token"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound { what: "session" });
+        }
+        Ok(())
+    }
+
+    async fn read_token(&self, token_hash: &[u8; 32], now_ms: i64) -> Result<ReadTokenRecord> {
+        let row = sqlx::query_as::<_, ReadTokenRow>(sql::SELECT_READ_TOKEN)
+            .bind(&token_hash[..])
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        found(row, "read_token")?.into_record()
+    }
+
+    async fn prune_read_tokens(&self, now_ms: i64) -> Result<u64> {
+        let done = sqlx::query(sql::PRUNE_READ_TOKENS)
             .bind(now_ms)
             .execute(&self.writer)
             .await

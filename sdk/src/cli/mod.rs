@@ -8,7 +8,9 @@
 //! stderr); on failure stdout stays empty and stderr gets exactly one line,
 //! `veil: error: <field>: <what is wrong>`, that names the flag, argument or stream at fault and
 //! never contains a secret. Output is buffered and written only once the command has
-//! succeeded.
+//! succeeded — with one exception: `veil complete --stream` writes the text as it is generated,
+//! so a failure mid-way leaves the text received so far (every piece of it authenticated) on
+//! stdout before the error line.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -19,9 +21,14 @@ use clap::{CommandFactory, Parser, Subcommand};
 use zeroize::Zeroizing;
 
 mod acl;
+mod complete;
+mod config;
 mod crypto;
 mod input;
+mod session;
+mod task;
 mod urn;
+mod wallet;
 
 /// Exit status of a command that succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -35,9 +42,11 @@ pub const EXIT_USAGE: u8 = 2;
 /// The exit-status paragraph shown at the end of every `--help`.
 const EXIT_STATUS_HELP: &str = "\
 Exit status: 0 on success; 1 when the input was well formed but refused (a blob or wrapped key \
-that does not authenticate, an invalid URN) or stdin/stdout failed; 2 for a usage error (a \
+that does not authenticate, an invalid URN, a refusal by the router or the chain, a result that \
+fails its checks) or stdin/stdout failed; 2 for a usage error (a \
 missing, unknown or conflicting flag, or a flag value that does not parse). On any failure \
-stdout is empty and stderr holds one line: `veil: error: <field>: <reason>`.";
+stdout is empty (but for text `veil complete --stream` already printed) and stderr holds one \
+line: `veil: error: <field>: <reason>`.";
 
 /// Why a command failed. Each variant renders as the single line printed after `veil: error: `.
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +103,11 @@ pub(crate) type Output = Zeroizing<Vec<u8>>;
 #[command(
     name = "veil",
     version,
-    about = "Veil command-line tool: protocol v1 interop commands",
+    about = "Veil command-line tool: private completions, sessions, the ACL contract, protocol interop",
     long_about = "Veil command-line tool.\n\n\
+        `session`, `complete` and `task` run private completions through a router's /api/v3: \
+        the prompt is sealed on this machine, requests are signed by your wallet, and results are \
+        verified and opened here (see docs/sdk.md). `acl` manages the on-chain ACL contract. \
         The `crypto` and `urn` commands expose the Veil protocol v1 primitives (key derivation, \
         the blob envelope, key wrapping, blob URNs) one step at a time, so that an implementation \
         in another language can check itself byte for byte against this one. See docs/protocol.md.",
@@ -110,6 +122,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Open, show and close private sessions owned by your wallet (/api/v3)
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Session(session::SessionArgs),
+    /// Run one private completion: sealed here, signed by your wallet, verified and opened here
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Complete(complete::CompleteArgs),
+    /// Show a task of one of your sessions, or fetch and open its result
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Task(task::TaskArgs),
     /// Key derivation, blob sealing and opening, key wrapping (protocol sections 2-4)
     #[command(subcommand, after_help = EXIT_STATUS_HELP)]
     Crypto(crypto::CryptoCommand),
@@ -150,7 +171,7 @@ where
     T: Into<OsString> + Clone,
 {
     let result = match Cli::try_parse_from(args) {
-        Ok(cli) => execute(cli, stdin),
+        Ok(cli) => execute(cli, stdin, stdout),
         // `--help` and `--version` arrive as "errors" that belong on stdout.
         Err(err) if !err.use_stderr() => Ok(Zeroizing::new(err.render().to_string().into_bytes())),
         Err(err) => Err(CliError::Syntax(clap_error_line(&err))),
@@ -171,8 +192,11 @@ where
     }
 }
 
-fn execute(cli: Cli, stdin: &mut dyn Read) -> Result<Output, CliError> {
+fn execute(cli: Cli, stdin: &mut dyn Read, stdout: &mut dyn Write) -> Result<Output, CliError> {
     match cli.command {
+        Command::Session(args) => session::execute(args),
+        Command::Complete(args) => complete::execute(args, stdin, stdout),
+        Command::Task(args) => task::execute(args),
         Command::Crypto(cmd) => crypto::execute(cmd, stdin),
         Command::Urn(cmd) => urn::execute(cmd),
         Command::Acl(args) => acl::execute(args),
