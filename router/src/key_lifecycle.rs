@@ -1279,25 +1279,12 @@ fn print_status(out: &mut impl Write, s: &KeyStatus) {
     }
 }
 
-/// `YYYY-MM-DD HH:MM:SSZ` of Unix seconds (civil-from-days, proleptic Gregorian).
+/// Unix seconds as RFC 3339 UTC (`2023-11-14T22:13:20Z`); past the year 9999 (which RFC 3339
+/// cannot write), its last second.
 fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    const LAST_RFC3339_SECS: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.min(LAST_RFC3339_SECS));
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]
@@ -1306,10 +1293,11 @@ mod tests {
 
     #[test]
     fn utc_formats_known_instants() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
-        assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20Z");
-        assert_eq!(utc(4_102_444_799), "2099-12-31 23:59:59Z");
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(utc(4_102_444_799), "2099-12-31T23:59:59Z");
+        assert_eq!(utc(u64::MAX), "9999-12-31T23:59:59Z");
     }
 
     #[test]

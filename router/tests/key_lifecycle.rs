@@ -25,6 +25,7 @@ use veil_router::store::{
     TaskResultRecord, TaskState,
 };
 use veil_router::{AppState, server};
+use veil_testkit::files_under;
 
 const MINER: &str = "0x1111111111111111111111111111111111111111";
 const MODEL: &str = "tiny";
@@ -298,22 +299,6 @@ async fn call(
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// The hex seeds in a keyring file (to check they never leave it).

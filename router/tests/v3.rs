@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use base64::Engine as _;
 use futures::StreamExt;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tower::ServiceExt;
@@ -32,10 +33,10 @@ use veil_api::wire::{Hex32, Nonce, unix_now};
 use veil_blobstore::{BlobStore, S3Config, S3Credentials, StoreConfig};
 use veil_keys::{BlobParams, KeyId, Purpose, SecretKey, X25519Secret};
 use veil_router::config::{Config, Settings};
-use veil_router::store::{ReadTokenRecord, verify_audit_chain};
+use veil_router::store::{AuditEntry, ReadTokenRecord, verify_audit_chain};
 use veil_router::{AppState, server};
-use veil_testkit::S3Server;
 use veil_testkit::postgres::TestDatabase;
+use veil_testkit::{S3Server, contains, files_under};
 
 const MODEL: &str = "tiny-model";
 /// Appears only inside the sealed prompt: never in anything the router receives or stores.
@@ -188,38 +189,48 @@ impl Env {
         (r.status, r.json())
     }
 
+    /// `method path` with `bearer`, answered 200: the JSON body.
+    async fn ok(&self, method: &str, path: &str, bearer: &str, body: Option<Value>) -> Value {
+        answer(
+            self.call(method, path, Some(bearer), body).await,
+            StatusCode::OK,
+        )
+    }
+
+    /// `GET path` with an empty body, as it answers.
+    async fn get(&self, path: &str, bearer: &str) -> Reply {
+        self.raw("GET", path, Some(bearer), &[], Body::empty())
+            .await
+    }
+
     /// Files of the data directory that contain `needle`.
     fn files_containing(&self, needle: &[u8]) -> Vec<PathBuf> {
-        files_under(self.dir.path())
-            .into_iter()
-            .filter(|p| {
-                std::fs::read(p)
-                    .map(|b| b.windows(needle.len()).any(|w| w == needle))
-                    .unwrap_or(false)
-            })
-            .collect()
+        veil_testkit::files_containing(self.dir.path(), needle)
     }
 
     fn received(&self, needle: &[u8]) -> bool {
-        let seen = self.seen.lock().unwrap();
-        seen.windows(needle.len()).any(|w| w == needle)
+        contains(&self.seen.lock().unwrap(), needle)
     }
-}
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
+    /// Whether the task's result counts as delivered.
+    async fn delivered(&self, task: Uuid) -> bool {
+        let t = self.state.store.get_task(task).await.unwrap();
+        t.delivered_at_ms.is_some()
     }
-    out
+
+    /// The audit entries of `action`, oldest first.
+    async fn audited(&self, action: &str) -> Vec<AuditEntry> {
+        let entries = self.state.store.audit_entries(0, 1000).await.unwrap();
+        entries
+            .into_iter()
+            .filter(|e| e.entry.action == action)
+            .collect()
+    }
+
+    /// How many blob files the data directory holds.
+    fn blob_count(&self) -> usize {
+        files_under(&self.blob_dir()).len()
+    }
 }
 
 fn code(v: &Value) -> &str {
@@ -228,6 +239,24 @@ fn code(v: &Value) -> &str {
 
 fn param(v: &Value) -> &str {
     v["error"]["param"].as_str().unwrap_or_default()
+}
+
+/// The body of an answer that must have `status`, as a `T`.
+#[track_caller]
+fn answer<T: DeserializeOwned>((st, v): (StatusCode, Value), status: StatusCode) -> T {
+    assert_eq!(st, status, "{v}");
+    serde_json::from_value(v).unwrap()
+}
+
+/// Asserts a 400 `invalid_request`, whichever field it names.
+#[track_caller]
+fn invalid_request(got: &(StatusCode, Value)) {
+    assert_eq!(
+        (got.0, code(&got.1)),
+        (StatusCode::BAD_REQUEST, "invalid_request"),
+        "{}",
+        got.1
+    );
 }
 
 /// Asserts a refusal's status, code and field.
@@ -292,6 +321,14 @@ fn soon() -> u64 {
     unix_now() + 120
 }
 
+/// An expiry already past and one too far ahead, with the codes they are refused with.
+fn bad_expiries() -> [(u64, &'static str); 2] {
+    [
+        (unix_now() - 1, "signature_expired"),
+        (unix_now() + 3600, "signature_expiry_too_far"),
+    ]
+}
+
 fn sha256(b: &[u8]) -> [u8; 32] {
     Sha256::digest(b).into()
 }
@@ -311,8 +348,13 @@ impl Client {
     }
 
     fn recipient(&self) -> Hex32 {
-        Hex32(*self.x.public().as_bytes())
+        recipient(&self.x)
     }
+}
+
+/// The `recipient` field for an X25519 key.
+fn recipient(x: &X25519Secret) -> Hex32 {
+    Hex32(*x.public().as_bytes())
 }
 
 fn open_msg(session: Uuid) -> OpenSession {
@@ -328,9 +370,8 @@ async fn open(env: &Env, miners: &[String]) -> Client {
     let wallet = PrivateKeySigner::random();
     let session = Uuid::now_v7();
     let body = json!({"open": sign(env, open_msg(session), &wallet), "allowed_miners": miners});
-    let (st, v) = env.call("POST", "/api/v3/sessions", None, Some(body)).await;
-    assert_eq!(st, StatusCode::CREATED, "{v}");
-    let r: OpenSessionResponse = serde_json::from_value(v).unwrap();
+    let got = env.call("POST", "/api/v3/sessions", None, Some(body)).await;
+    let r: OpenSessionResponse = answer(got, StatusCode::CREATED);
     assert_eq!(r.session.session_id, session);
     assert_eq!(r.session.owner, wallet.address().to_checksum(None));
     assert!(r.token.token.starts_with("vst_"));
@@ -342,6 +383,12 @@ async fn open(env: &Env, miners: &[String]) -> Client {
         session,
         token: r.token.token,
     }
+}
+
+/// `POST /api/v3/sessions` of `m`, signed by `wallet`.
+async fn open_signed(env: &Env, m: OpenSession, wallet: &PrivateKeySigner) -> (StatusCode, Value) {
+    let body = json!({"open": sign(env, m, wallet)});
+    env.call("POST", "/api/v3/sessions", None, Some(body)).await
 }
 
 fn key_msg(session: Uuid, task: Uuid, scope: u8, version: u32, recipient: Hex32) -> KeyRequest {
@@ -356,20 +403,22 @@ fn key_msg(session: Uuid, task: Uuid, scope: u8, version: u32, recipient: Hex32)
     }
 }
 
+/// `POST /api/v3/keys` of a signed request.
+async fn post_key(env: &Env, signed: &Signed<KeyRequest>) -> (StatusCode, Value) {
+    env.call("POST", "/api/v3/keys", None, Some(json!(signed)))
+        .await
+}
+
+/// `POST /api/v3/keys` of `m`, signed by `wallet`.
+async fn ask_key(env: &Env, m: KeyRequest, wallet: &PrivateKeySigner) -> (StatusCode, Value) {
+    post_key(env, &sign(env, m, wallet)).await
+}
+
 /// `K_session` of the client's session (scope 1), unwrapped; the answer's token replaces the
 /// client's.
 async fn session_key(env: &Env, c: &mut Client) -> SecretKey {
     let m = key_msg(c.session, Uuid::nil(), 1, 1, c.recipient());
-    let (st, v) = env
-        .call(
-            "POST",
-            "/api/v3/keys",
-            None,
-            Some(json!(sign(env, m, &c.wallet))),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    let r: KeyResponse = serde_json::from_value(v).unwrap();
+    let r: KeyResponse = answer(ask_key(env, m, &c.wallet).await, StatusCode::OK);
     assert_eq!((r.scope, r.key_version), (1, 1));
     c.token = r.token.expect("a scope 1 answer carries a token").token;
     veil_keys::unwrap_key(
@@ -396,6 +445,12 @@ fn seal_prompt(k: &SecretKey, id: KeyId) -> Vec<u8> {
     veil_keys::seal(k, &BlobParams::new(id, Purpose::Prompt), &payload()).unwrap()
 }
 
+/// The prompt of `task`, sealed under its `K_task` of key `version`, derived from `k_session`.
+fn task_prompt(k_session: &SecretKey, version: u32, c: &Client, task: Uuid) -> Vec<u8> {
+    let k_task = veil_keys::derive_task_key(k_session, &task);
+    seal_prompt(&k_task, KeyId::task(version, c.session, task))
+}
+
 async fn upload(
     env: &Env,
     c: &Client,
@@ -403,19 +458,53 @@ async fn upload(
     blob: Vec<u8>,
     sha: &str,
 ) -> (StatusCode, Value) {
+    let path = format!("/api/v3/sessions/{}/tasks/{task}/prompt", c.session);
+    upload_at(env, &path, c, blob, sha).await
+}
+
+/// `PUT path` of a prompt blob with the client's token and `sha` as its `x-veil-sha256`.
+async fn upload_at(
+    env: &Env,
+    path: &str,
+    c: &Client,
+    blob: Vec<u8>,
+    sha: &str,
+) -> (StatusCode, Value) {
+    let headers = [
+        ("content-type", "application/octet-stream"),
+        ("x-veil-sha256", sha),
+    ];
     let r = env
-        .raw(
-            "PUT",
-            &format!("/api/v3/sessions/{}/tasks/{task}/prompt", c.session),
-            Some(&c.token),
-            &[
-                ("content-type", "application/octet-stream"),
-                ("x-veil-sha256", sha),
-            ],
-            Body::from(blob),
-        )
+        .raw("PUT", path, Some(&c.token), &headers, Body::from(blob))
         .await;
     (r.status, r.json())
+}
+
+/// Uploads `blob`, with its own SHA-256, as the prompt of `task`: stored, and the receipt
+/// names its hash and size. Returns the hash and the URN.
+async fn upload_ok(env: &Env, c: &Client, task: Uuid, blob: Vec<u8>) -> ([u8; 32], String) {
+    let hash = sha256(&blob);
+    let size = blob.len();
+    let (st, receipt) = upload(env, c, task, blob, &hex::encode(hash)).await;
+    assert_eq!(st, StatusCode::CREATED, "{receipt}");
+    assert_eq!(receipt["sha256"], json!(hex::encode(hash)));
+    assert_eq!(receipt["size"], json!(size));
+    (hash, receipt["urn"].as_str().unwrap().to_string())
+}
+
+/// Uploads `blob`, with its own SHA-256, as the prompt of `task`, and asserts the refusal.
+async fn upload_refused(
+    env: &Env,
+    c: &Client,
+    task: Uuid,
+    blob: Vec<u8>,
+    status: StatusCode,
+    want_code: &str,
+    want_param: &str,
+) {
+    let sha = hex::encode(sha256(&blob));
+    let got = upload(env, c, task, blob, &sha).await;
+    refused(&got, status, want_code, want_param);
 }
 
 fn submit_msg(c: &Client, task: Uuid, hash: [u8; 32], urn: &str) -> SubmitTask {
@@ -435,6 +524,11 @@ async fn submit(env: &Env, body: Value) -> (StatusCode, Value) {
         .await
 }
 
+/// `POST /api/v3/completions` of `m`, signed by `wallet`, with no parameters.
+async fn submit_signed(env: &Env, m: SubmitTask, wallet: &PrivateKeySigner) -> (StatusCode, Value) {
+    submit(env, json!({"task": sign(env, m, wallet)})).await
+}
+
 /// A sealed, uploaded and submitted task: its id, `K_task` and the submit answer.
 async fn queued_task(env: &Env, c: &Client, k_session: &SecretKey) -> (Uuid, SecretKey, V3Task) {
     queued_task_with(env, c, k_session, true).await
@@ -448,18 +542,10 @@ async fn queued_task_with(
 ) -> (Uuid, SecretKey, V3Task) {
     let task = Uuid::now_v7();
     let k_task = veil_keys::derive_task_key(k_session, &task);
-    let blob = seal_prompt(&k_task, KeyId::task(1, c.session, task));
-    let hash = sha256(&blob);
-    let (st, receipt) = upload(env, c, task, blob.clone(), &hex::encode(hash)).await;
-    assert_eq!(st, StatusCode::CREATED, "{receipt}");
-    assert_eq!(receipt["sha256"], json!(hex::encode(hash)));
-    assert_eq!(receipt["size"], json!(blob.len()));
-    let urn = receipt["urn"].as_str().unwrap();
-    let body = json!({"task": sign(env, submit_msg(c, task, hash, urn), &c.wallet),
+    let (hash, urn) = upload_ok(env, c, task, task_prompt(k_session, 1, c, task)).await;
+    let body = json!({"task": sign(env, submit_msg(c, task, hash, &urn), &c.wallet),
                       "params": {"max_tokens": 32, "temperature": 0.5, "stream": stream}});
-    let (st, v) = submit(env, body).await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    let t: V3Task = serde_json::from_value(v).unwrap();
+    let t: V3Task = answer(submit(env, body).await, StatusCode::ACCEPTED);
     assert_eq!(
         (t.task_id, t.session_id, t.state.as_str()),
         (task, c.session, "queued")
@@ -487,7 +573,7 @@ impl SimMiner {
 
 fn login_msg(x: &X25519Secret) -> MinerLogin {
     MinerLogin {
-        recipient: Hex32(*x.public().as_bytes()),
+        recipient: recipient(x),
         expires_at: soon(),
         nonce: Nonce::random(),
     }
@@ -517,16 +603,11 @@ async fn miner_login(env: &Env, wallet: PrivateKeySigner) -> SimMiner {
 }
 
 async fn lease(env: &Env, m: &SimMiner) -> Lease {
-    let (st, v) = env
-        .call(
-            "POST",
-            "/api/miner/lease",
-            Some(&m.token),
-            Some(json!({"wait_ms": 5000})),
-        )
+    let body = json!({"wait_ms": 5000});
+    let got = env
+        .call("POST", "/api/miner/lease", Some(&m.token), Some(body))
         .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    serde_json::from_value(v).unwrap()
+    answer(got, StatusCode::OK)
 }
 
 /// The miner's side of a leased task: the task key through `/api/v3/keys`, the prompt (opened
@@ -534,34 +615,16 @@ async fn lease(env: &Env, m: &SimMiner) -> Lease {
 /// the stored result blob.
 async fn run_task(env: &Env, m: &SimMiner, l: &Lease) -> Vec<u8> {
     assert_eq!((l.prompt_scope, l.key_version), (2, 1));
-    let km = key_msg(
-        l.session_id,
-        l.task_id,
-        2,
-        1,
-        Hex32(*m.x.public().as_bytes()),
-    );
-    let (st, v) = env
-        .call(
-            "POST",
-            "/api/v3/keys",
-            None,
-            Some(json!(sign(env, km, &m.wallet))),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    let r: KeyResponse = serde_json::from_value(v).unwrap();
+    let km = key_msg(l.session_id, l.task_id, 2, 1, recipient(&m.x));
+    let r: KeyResponse = answer(ask_key(env, km, &m.wallet).await, StatusCode::OK);
     assert!(r.token.is_none(), "miners get no read token");
     let kid = KeyId::task(1, l.session_id, l.task_id);
     let k = veil_keys::unwrap_key(&m.x, &hex::decode(&r.wrapped).unwrap(), &kid).unwrap();
 
     let prompt = env
-        .raw(
-            "GET",
+        .get(
             &format!("/api/miner/leases/{}/prompt", l.lease_id),
-            Some(&m.token),
-            &[],
-            Body::empty(),
+            &m.token,
         )
         .await;
     assert_eq!(prompt.status, StatusCode::OK);
@@ -631,6 +694,16 @@ async fn run_task(env: &Env, m: &SimMiner, l: &Lease) -> Vec<u8> {
     out
 }
 
+/// Asserts that a sealed result opens with `k_task` to the text the simulated miner sealed.
+#[track_caller]
+fn assert_result_text(k_task: &SecretKey, sealed: &[u8]) {
+    let opened = veil_keys::open(k_task, sealed).unwrap();
+    assert_eq!(
+        opened.plaintext.into_zeroizing().as_slice(),
+        RESULT_TEXT.as_bytes()
+    );
+}
+
 /// SSE events of a body: (name, data JSON).
 fn sse_events(body: &[u8]) -> Vec<(String, Value)> {
     let text = std::str::from_utf8(body).unwrap().replace("\r\n", "\n");
@@ -682,12 +755,35 @@ fn reassemble(events: &[(String, Value)]) -> (Vec<u8>, V3Task, usize) {
     (bytes, done.expect("a done event"), starts)
 }
 
+/// The events of `GET /api/v3/tasks/{task}/stream`, read to its end.
+async fn stream_events(env: &Env, token: &str, task: Uuid) -> Vec<(String, Value)> {
+    let r = env
+        .get(&format!("/api/v3/tasks/{task}/stream"), token)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    sse_events(&r.bytes)
+}
+
+/// Counts the `bytes` events.
+fn bytes_events(events: &[(String, Value)]) -> usize {
+    events.iter().filter(|(n, _)| n == "bytes").count()
+}
+
+/// A stream with no relay to replay sends the stored blob, in one `bytes` event.
+async fn streams_stored_blob(env: &Env, token: &str, task: Uuid, stored: &[u8]) {
+    let events = stream_events(env, token, task).await;
+    let (bytes, _, starts) = reassemble(&events);
+    assert_eq!(
+        (bytes.as_slice(), starts, bytes_events(&events)),
+        (stored, 1, 1)
+    );
+}
+
 // --- the happy path ----------------------------------------------------------------------------
 
 async fn happy_path(env: &Env) {
-    let (st, v) = env.call("GET", "/api/v3/config", None, None).await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    let cfg: V3Config = serde_json::from_value(v).unwrap();
+    let got = env.call("GET", "/api/v3/config", None, None).await;
+    let cfg: V3Config = answer(got, StatusCode::OK);
     assert_eq!(
         (
             cfg.protocol_version,
@@ -702,15 +798,14 @@ async fn happy_path(env: &Env) {
     let miner_wallet = PrivateKeySigner::random();
     let miner_addr = miner_wallet.address().to_checksum(None);
     let mut c = open(env, &[miner_addr.to_lowercase()]).await;
-    let (st, s) = env
-        .call(
+    let s = env
+        .ok(
             "GET",
             &format!("/api/v3/sessions/{}", c.session),
-            Some(&c.token),
+            &c.token,
             None,
         )
         .await;
-    assert_eq!(st, StatusCode::OK, "{s}");
     assert_eq!(s["allowed_miners"], json!([miner_addr]));
     assert_eq!(
         (s["private"].as_bool(), s["allowlist_source"].as_str()),
@@ -732,14 +827,7 @@ async fn happy_path(env: &Env) {
 
     // The owner may also ask for the task key directly (no token then).
     let m = key_msg(c.session, task, 2, 1, c.recipient());
-    let (st, v) = env
-        .call(
-            "POST",
-            "/api/v3/keys",
-            None,
-            Some(json!(sign(env, m, &c.wallet))),
-        )
-        .await;
+    let (st, v) = ask_key(env, m, &c.wallet).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert!(v.get("token").is_none(), "{v}");
 
@@ -787,16 +875,11 @@ async fn happy_path(env: &Env) {
     assert_eq!((l.task_id, l.session_id), (task, c.session));
     let stored = run_task(env, &miner, &l).await;
 
-    let (st, v) = env
-        .call(
-            "GET",
-            &format!("/api/v3/tasks/{task}?wait_ms=5000"),
-            Some(&c.token),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    let t: V3Task = serde_json::from_value(v).unwrap();
+    let path = format!("/api/v3/tasks/{task}?wait_ms=5000");
+    let t: V3Task = answer(
+        env.call("GET", &path, Some(&c.token), None).await,
+        StatusCode::OK,
+    );
     assert_eq!(t.state, "completed");
     assert!(t.error.is_none());
     let r = t.result.clone().expect("a completed task has a result");
@@ -823,13 +906,7 @@ async fn happy_path(env: &Env) {
 
     // The sealed result, through the router, opens with the client's own K_task.
     let got = env
-        .raw(
-            "GET",
-            &format!("/api/v3/tasks/{task}/result"),
-            Some(&c.token),
-            &[],
-            Body::empty(),
-        )
+        .get(&format!("/api/v3/tasks/{task}/result"), &c.token)
         .await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.bytes.as_ref(), stored.as_slice());
@@ -837,19 +914,9 @@ async fn happy_path(env: &Env) {
         got.headers["x-veil-sha256"].to_str().unwrap(),
         hex::encode(sha256(&stored))
     );
-    let opened = veil_keys::open(&k_task, &got.bytes).unwrap();
-    assert_eq!(
-        opened.plaintext.into_zeroizing().as_slice(),
-        RESULT_TEXT.as_bytes()
-    );
+    assert_result_text(&k_task, &got.bytes);
     assert!(
-        env.state
-            .store
-            .get_task(task)
-            .await
-            .unwrap()
-            .delivered_at_ms
-            .is_some(),
+        env.delivered(task).await,
         "a full download counts as a delivery"
     );
 
@@ -870,53 +937,22 @@ async fn happy_path(env: &Env) {
     assert_eq!(events.last().unwrap().0, "done");
 
     // A stream opened after the fact sends the stored blob.
-    let late = env
-        .raw(
-            "GET",
-            &format!("/api/v3/tasks/{task}/stream"),
-            Some(&c.token),
-            &[],
-            Body::empty(),
-        )
-        .await;
-    assert_eq!(late.status, StatusCode::OK);
-    let (bytes, done, starts) = reassemble(&sse_events(&late.bytes));
+    let (bytes, done, starts) = reassemble(&stream_events(env, &c.token, task).await);
     assert_eq!((bytes, starts), (stored.clone(), 1));
     assert_eq!(done.task_id, task);
 
     // No presigned URLs on a local directory.
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/api/v3/tasks/{task}/result/presign"),
-            Some(&c.token),
-            None,
-        )
-        .await;
-    refused(
-        &(st, v),
-        StatusCode::NOT_IMPLEMENTED,
-        "presign_unsupported",
-        "",
-    );
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!(
-                "/api/v3/sessions/{}/tasks/{}/prompt/presign",
-                c.session,
-                Uuid::now_v7()
-            ),
-            Some(&c.token),
-            None,
-        )
-        .await;
-    refused(
-        &(st, v),
-        StatusCode::NOT_IMPLEMENTED,
-        "presign_unsupported",
-        "",
-    );
+    for path in [
+        format!("/api/v3/tasks/{task}/result/presign"),
+        format!(
+            "/api/v3/sessions/{}/tasks/{}/prompt/presign",
+            c.session,
+            Uuid::now_v7()
+        ),
+    ] {
+        let got = env.call("POST", &path, Some(&c.token), None).await;
+        refused(&got, StatusCode::NOT_IMPLEMENTED, "presign_unsupported", "");
+    }
 
     // The audit log tells the story, with metadata only, and its chain verifies.
     let entries = env.state.store.audit_entries(0, 1000).await.unwrap();
@@ -958,25 +994,11 @@ async fn happy_path(env: &Env) {
     );
 
     // Close: the session answers closed and takes no more tasks.
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/api/v3/sessions/{}/close", c.session),
-            Some(&c.token),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
+    let close = format!("/api/v3/sessions/{}/close", c.session);
+    let v = env.ok("POST", &close, &c.token, None).await;
     assert!(v["closed_at_ms"].as_i64().is_some(), "{v}");
     let m = key_msg(c.session, Uuid::nil(), 1, 1, c.recipient());
-    let got = env
-        .call(
-            "POST",
-            "/api/v3/keys",
-            None,
-            Some(json!(sign(env, m, &c.wallet))),
-        )
-        .await;
+    let got = ask_key(env, m, &c.wallet).await;
     refused(
         &got,
         StatusCode::CONFLICT,
@@ -1043,36 +1065,38 @@ async fn signed_messages_are_refused_when_replayed_expired_or_far_ahead() {
         "replayed_nonce",
         "open.message.nonce",
     );
-    let body = json!({"open": sign(&env, open_msg(session), &wallet)});
-    let got = env.call("POST", "/api/v3/sessions", None, Some(body)).await;
-    refused(
-        &got,
+    let mut opens = vec![(
+        open_msg(session),
         StatusCode::CONFLICT,
         "session_exists",
         "open.message.sessionId",
-    );
-    for (exp, code) in [
-        (unix_now() - 1, "signature_expired"),
-        (unix_now() + 3600, "signature_expiry_too_far"),
-    ] {
+    )];
+    for (exp, code) in bad_expiries() {
         let m = OpenSession {
             expires_at: exp,
             ..open_msg(Uuid::now_v7())
         };
-        let got = env
-            .call(
-                "POST",
-                "/api/v3/sessions",
-                None,
-                Some(json!({"open": sign(&env, m, &wallet)})),
-            )
-            .await;
-        refused(
-            &got,
-            StatusCode::UNAUTHORIZED,
-            code,
-            "open.message.expiresAt",
-        );
+        opens.push((m, StatusCode::UNAUTHORIZED, code, "open.message.expiresAt"));
+    }
+    opens.extend([
+        (
+            OpenSession {
+                kind: 3,
+                ..open_msg(Uuid::now_v7())
+            },
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "open.message.kind",
+        ),
+        (
+            open_msg(Uuid::nil()),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "open.message.sessionId",
+        ),
+    ]);
+    for (m, status, code, field) in opens {
+        refused(&open_signed(&env, m, &wallet).await, status, code, field);
     }
     let mut bad = sign(&env, open_msg(Uuid::now_v7()), &wallet);
     bad.signature.0[64] = 9;
@@ -1084,38 +1108,6 @@ async fn signed_messages_are_refused_when_replayed_expired_or_far_ahead() {
         StatusCode::UNAUTHORIZED,
         "bad_signature",
         "open.signature",
-    );
-    let m = OpenSession {
-        kind: 3,
-        ..open_msg(Uuid::now_v7())
-    };
-    let got = env
-        .call(
-            "POST",
-            "/api/v3/sessions",
-            None,
-            Some(json!({"open": sign(&env, m, &wallet)})),
-        )
-        .await;
-    refused(
-        &got,
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        "open.message.kind",
-    );
-    let got = env
-        .call(
-            "POST",
-            "/api/v3/sessions",
-            None,
-            Some(json!({"open": sign(&env, open_msg(Uuid::nil()), &wallet)})),
-        )
-        .await;
-    refused(
-        &got,
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        "open.message.sessionId",
     );
     let got = env
         .call(
@@ -1134,44 +1126,30 @@ async fn signed_messages_are_refused_when_replayed_expired_or_far_ahead() {
 
     // KeyRequest.
     let x = X25519Secret::generate().unwrap();
-    let recipient = Hex32(*x.public().as_bytes());
+    let recipient = recipient(&x);
     let signed = sign(
         &env,
         key_msg(session, Uuid::nil(), 1, 1, recipient),
         &wallet,
     );
-    let (st, v) = env
-        .call("POST", "/api/v3/keys", None, Some(json!(signed)))
-        .await;
+    let (st, v) = post_key(&env, &signed).await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let got = env
-        .call("POST", "/api/v3/keys", None, Some(json!(signed)))
-        .await;
+    let got = post_key(&env, &signed).await;
     refused(
         &got,
         StatusCode::CONFLICT,
         "replayed_nonce",
         "message.nonce",
     );
-    for (exp, code) in [
-        (unix_now() - 1, "signature_expired"),
-        (unix_now() + 3600, "signature_expiry_too_far"),
-    ] {
+    let mut requests = Vec::new();
+    for (exp, code) in bad_expiries() {
         let m = KeyRequest {
             expires_at: exp,
             ..key_msg(session, Uuid::nil(), 1, 1, recipient)
         };
-        let got = env
-            .call(
-                "POST",
-                "/api/v3/keys",
-                None,
-                Some(json!(sign(&env, m, &wallet))),
-            )
-            .await;
-        refused(&got, StatusCode::UNAUTHORIZED, code, "message.expiresAt");
+        requests.push((m, StatusCode::UNAUTHORIZED, code, "message.expiresAt"));
     }
-    for (m, status, code, field) in [
+    requests.extend([
         (
             key_msg(session, Uuid::nil(), 3, 1, recipient),
             StatusCode::BAD_REQUEST,
@@ -1202,16 +1180,9 @@ async fn signed_messages_are_refused_when_replayed_expired_or_far_ahead() {
             "not_found",
             "message.sessionId",
         ),
-    ] {
-        let got = env
-            .call(
-                "POST",
-                "/api/v3/keys",
-                None,
-                Some(json!(sign(&env, m, &wallet))),
-            )
-            .await;
-        refused(&got, status, code, field);
+    ]);
+    for (m, status, code, field) in requests {
+        refused(&ask_key(&env, m, &wallet).await, status, code, field);
     }
 
     // SubmitTask: a literal replay names the task that exists by then; the same nonce under
@@ -1227,12 +1198,8 @@ async fn signed_messages_are_refused_when_replayed_expired_or_far_ahead() {
     let mut first = None;
     for _ in 0..2 {
         let task = Uuid::now_v7();
-        let k = veil_keys::derive_task_key(&k_session, &task);
-        let blob = seal_prompt(&k, KeyId::task(1, c.session, task));
-        let hash = sha256(&blob);
-        let (st, receipt) = upload(&env, &c, task, blob, &hex::encode(hash)).await;
-        assert_eq!(st, StatusCode::CREATED, "{receipt}");
-        let m = submit_msg(&c, task, hash, receipt["urn"].as_str().unwrap());
+        let (hash, urn) = upload_ok(&env, &c, task, task_prompt(&k_session, 1, &c, task)).await;
+        let m = submit_msg(&c, task, hash, &urn);
         if first.is_none() {
             let body = json!({"task": sign(&env, m.clone(), &c.wallet)});
             let (st, v) = submit(&env, body.clone()).await;
@@ -1253,7 +1220,7 @@ async fn signed_messages_are_refused_when_replayed_expired_or_far_ahead() {
         nonce: first.unwrap(),
         ..second.clone()
     };
-    let got = submit(&env, json!({"task": sign(&env, reused, &c.wallet)})).await;
+    let got = submit_signed(&env, reused, &c.wallet).await;
     refused(
         &got,
         StatusCode::CONFLICT,
@@ -1266,15 +1233,12 @@ async fn signed_messages_are_refused_when_replayed_expired_or_far_ahead() {
         second.prompt_urn.clone(),
     );
     let urn = urn.as_str();
-    for (exp, code) in [
-        (unix_now() - 1, "signature_expired"),
-        (unix_now() + 3600, "signature_expiry_too_far"),
-    ] {
+    for (exp, code) in bad_expiries() {
         let m = SubmitTask {
             expires_at: exp,
             ..submit_msg(&c, task2, hash, urn)
         };
-        let got = submit(&env, json!({"task": sign(&env, m, &c.wallet)})).await;
+        let got = submit_signed(&env, m, &c.wallet).await;
         refused(
             &got,
             StatusCode::UNAUTHORIZED,
@@ -1283,11 +1247,7 @@ async fn signed_messages_are_refused_when_replayed_expired_or_far_ahead() {
         );
     }
     // And the task still goes in with a fresh nonce.
-    let got = submit(
-        &env,
-        json!({"task": sign(&env, submit_msg(&c, task2, hash, urn), &c.wallet)}),
-    )
-    .await;
+    let got = submit_signed(&env, submit_msg(&c, task2, hash, urn), &c.wallet).await;
     assert_eq!(got.0, StatusCode::ACCEPTED, "{}", got.1);
 }
 
@@ -1333,7 +1293,7 @@ async fn miner_login_and_key_request_replays_are_refused() {
     assert_eq!(l.task_id, task);
     let signed = sign(
         &env,
-        key_msg(c.session, task, 2, 1, Hex32(*m.x.public().as_bytes())),
+        key_msg(c.session, task, 2, 1, recipient(&m.x)),
         &m.wallet,
     );
     let path = format!("/api/miner/leases/{}/key", l.lease_id);
@@ -1341,25 +1301,19 @@ async fn miner_login_and_key_request_replays_are_refused() {
         .call("POST", &path, Some(&m.token), Some(json!(signed)))
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let got = env
-        .call("POST", &path, Some(&m.token), Some(json!(signed)))
-        .await;
-    refused(
-        &got,
-        StatusCode::CONFLICT,
-        "replayed_nonce",
-        "message.nonce",
-    );
-    // The same signed request through /api/v3/keys is a replay too.
-    let got = env
-        .call("POST", "/api/v3/keys", None, Some(json!(signed)))
-        .await;
-    refused(
-        &got,
-        StatusCode::CONFLICT,
-        "replayed_nonce",
-        "message.nonce",
-    );
+    // A replay, on the lease's path, and through /api/v3/keys too.
+    for (path, bearer) in [
+        (path.as_str(), Some(m.token.as_str())),
+        ("/api/v3/keys", None),
+    ] {
+        let got = env.call("POST", path, bearer, Some(json!(signed))).await;
+        refused(
+            &got,
+            StatusCode::CONFLICT,
+            "replayed_nonce",
+            "message.nonce",
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1373,41 +1327,15 @@ async fn wrong_wallets_get_no_keys_and_submit_nothing() {
 
     let stranger = PrivateKeySigner::random();
     let x = X25519Secret::generate().unwrap();
-    let r = Hex32(*x.public().as_bytes());
-    let got = env
-        .call(
-            "POST",
-            "/api/v3/keys",
-            None,
-            Some(json!(sign(
-                &env,
-                key_msg(c.session, Uuid::nil(), 1, 1, r),
-                &stranger
-            ))),
-        )
-        .await;
+    let r = recipient(&x);
+    let got = ask_key(&env, key_msg(c.session, Uuid::nil(), 1, 1, r), &stranger).await;
     refused(&got, StatusCode::FORBIDDEN, "not_owner", "signature");
     // Scope 2 by someone holding no lease, and by the allowed miner before it leased the task.
     for wallet in [&stranger, &allowed] {
-        let got = env
-            .call(
-                "POST",
-                "/api/v3/keys",
-                None,
-                Some(json!(sign(&env, key_msg(c.session, task, 2, 1, r), wallet))),
-            )
-            .await;
+        let got = ask_key(&env, key_msg(c.session, task, 2, 1, r), wallet).await;
         refused(&got, StatusCode::FORBIDDEN, "not_allowed", "signature");
     }
-    let denials: Vec<_> = env
-        .state
-        .store
-        .audit_entries(0, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.entry.action == "key.deny")
-        .collect();
+    let denials = env.audited("key.deny").await;
     assert_eq!(denials.len(), 3, "every refusal is audited");
     assert_eq!(denials[0].entry.actor, stranger.address().to_checksum(None));
     assert_eq!(denials[0].entry.detail["code"], json!("not_owner"));
@@ -1425,7 +1353,7 @@ async fn wrong_wallets_get_no_keys_and_submit_nothing() {
     assert_eq!(st, StatusCode::NO_CONTENT);
 
     let stranger_task = submit_msg(&c, Uuid::now_v7(), t.prompt_hash, &t.prompt_urn);
-    let got = submit(&env, json!({"task": sign(&env, stranger_task, &stranger)})).await;
+    let got = submit_signed(&env, stranger_task, &stranger).await;
     refused(&got, StatusCode::FORBIDDEN, "not_owner", "task.signature");
 }
 
@@ -1434,7 +1362,7 @@ async fn uploads_with_bad_headers_or_hashes_leave_nothing_behind() {
     let env = Env::new().await;
     let mut c = open(&env, &[]).await;
     let k_session = session_key(&env, &mut c).await;
-    let blobs_before = files_under(&env.blob_dir()).len();
+    let blobs_before = env.blob_count();
     let task = Uuid::now_v7();
     let k_task = veil_keys::derive_task_key(&k_session, &task);
     let other = Uuid::now_v7();
@@ -1499,9 +1427,7 @@ async fn uploads_with_bad_headers_or_hashes_leave_nothing_behind() {
         ),
     ];
     for (blob, status, code, field) in cases {
-        let sha = hex::encode(sha256(&blob));
-        let got = upload(&env, &c, task, blob, &sha).await;
-        refused(&got, status, code, field);
+        upload_refused(&env, &c, task, blob, status, code, field).await;
     }
 
     // A good blob whose hash is not the one given.
@@ -1523,113 +1449,76 @@ async fn uploads_with_bad_headers_or_hashes_leave_nothing_behind() {
         );
     }
     assert_eq!(
-        files_under(&env.blob_dir()).len(),
+        env.blob_count(),
         blobs_before,
         "no refused upload left a blob"
     );
 
     // Nil or malformed task ids, another session's path.
     let sha = hex::encode(sha256(&blob));
-    let r = env
-        .raw(
-            "PUT",
-            &format!(
+    for (path, status, code, field) in [
+        (
+            format!(
                 "/api/v3/sessions/{}/tasks/{}/prompt",
                 c.session,
                 Uuid::nil()
             ),
-            Some(&c.token),
-            &[("x-veil-sha256", &sha)],
-            Body::from(blob.clone()),
-        )
-        .await;
-    refused(
-        &(r.status, r.json()),
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        "task_id",
-    );
-    let r = env
-        .raw(
-            "PUT",
-            &format!("/api/v3/sessions/{}/tasks/{task}/prompt", Uuid::now_v7()),
-            Some(&c.token),
-            &[("x-veil-sha256", &sha)],
-            Body::from(blob.clone()),
-        )
-        .await;
-    refused(
-        &(r.status, r.json()),
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "session_id",
-    );
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "task_id",
+        ),
+        (
+            format!("/api/v3/sessions/{}/tasks/{task}/prompt", Uuid::now_v7()),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "session_id",
+        ),
+    ] {
+        let got = upload_at(&env, &path, &c, blob.clone(), &sha).await;
+        refused(&got, status, code, field);
+    }
 
     // The good upload goes through; submitting with a hash that is not the blob's is refused.
-    let (st, receipt) = upload(&env, &c, task, blob.clone(), &sha).await;
-    assert_eq!(st, StatusCode::CREATED, "{receipt}");
-    let urn = receipt["urn"].as_str().unwrap().to_string();
+    let (_, urn) = upload_ok(&env, &c, task, blob.clone()).await;
     let body =
         |m: SubmitTask, params: Value| json!({"task": sign(&env, m, &c.wallet), "params": params});
-    let got = submit(&env, body(submit_msg(&c, task, [3; 32], &urn), json!({}))).await;
-    refused(
-        &got,
-        StatusCode::BAD_REQUEST,
-        "hash_mismatch",
-        "task.message.promptHash",
-    );
-    // A URN of this store where nothing is.
+    let hash = sha256(&blob);
+    // A URN of this store where nothing is; one of another store; no URN at all.
     let missing = format!("{}/nothing-here.veil", urn.rsplit_once('/').unwrap().0);
-    let got = submit(
-        &env,
-        body(submit_msg(&c, task, sha256(&blob), &missing), json!({})),
-    )
-    .await;
-    refused(
-        &got,
-        StatusCode::BAD_REQUEST,
-        "prompt_missing",
-        "task.message.promptUrn",
-    );
-    // A URN of another store, and no URN at all.
     let foreign = "urn:blob:v1:s3:aws:elsewhere:a/b.veil";
-    let got = submit(
-        &env,
-        body(submit_msg(&c, task, sha256(&blob), foreign), json!({})),
-    )
-    .await;
-    refused(
-        &got,
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        "task.message.promptUrn",
-    );
-    let got = submit(
-        &env,
-        body(submit_msg(&c, task, sha256(&blob), "not a urn"), json!({})),
-    )
-    .await;
-    refused(
-        &got,
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        "task.message.promptUrn",
-    );
-    // The blob names this task: submitting it under another id is a header fault.
-    let got = submit(
-        &env,
-        body(
-            submit_msg(&c, Uuid::now_v7(), sha256(&blob), &urn),
+    let mut submissions = vec![
+        (
+            submit_msg(&c, task, [3; 32], &urn),
             json!({}),
+            "hash_mismatch",
+            "task.message.promptHash",
         ),
-    )
-    .await;
-    refused(
-        &got,
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        "task.message.promptUrn",
-    );
+        (
+            submit_msg(&c, task, hash, &missing),
+            json!({}),
+            "prompt_missing",
+            "task.message.promptUrn",
+        ),
+        (
+            submit_msg(&c, task, hash, foreign),
+            json!({}),
+            "invalid_request",
+            "task.message.promptUrn",
+        ),
+        (
+            submit_msg(&c, task, hash, "not a urn"),
+            json!({}),
+            "invalid_request",
+            "task.message.promptUrn",
+        ),
+        // The blob names this task: submitting it under another id is a header fault.
+        (
+            submit_msg(&c, Uuid::now_v7(), hash, &urn),
+            json!({}),
+            "invalid_request",
+            "task.message.promptUrn",
+        ),
+    ];
     // Parameters.
     for (params, field) in [
         (json!({"stop": ["secret stop"]}), "params.stop"),
@@ -1637,34 +1526,27 @@ async fn uploads_with_bad_headers_or_hashes_leave_nothing_behind() {
         (json!({"temperature": 3.0}), "params.temperature"),
         (json!({"top_p": 0.0}), "params.top_p"),
     ] {
-        let got = submit(
-            &env,
-            body(submit_msg(&c, task, sha256(&blob), &urn), params),
-        )
-        .await;
-        refused(&got, StatusCode::BAD_REQUEST, "invalid_request", field);
+        submissions.push((
+            submit_msg(&c, task, hash, &urn),
+            params,
+            "invalid_request",
+            field,
+        ));
     }
     let long = SubmitTask {
         model: "m".repeat(129),
-        ..submit_msg(&c, task, sha256(&blob), &urn)
+        ..submit_msg(&c, task, hash, &urn)
     };
-    let got = submit(&env, body(long, json!({}))).await;
-    refused(
-        &got,
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        "task.message.model",
-    );
+    submissions.push((long, json!({}), "invalid_request", "task.message.model"));
+    for (m, params, want_code, field) in submissions {
+        let got = submit(&env, body(m, params)).await;
+        refused(&got, StatusCode::BAD_REQUEST, want_code, field);
+    }
     // Unknown fields, at the top and inside.
-    let mut extra = body(submit_msg(&c, task, sha256(&blob), &urn), json!({}));
+    let mut extra = body(submit_msg(&c, task, hash, &urn), json!({}));
     extra["priority"] = json!(1);
     let got = submit(&env, extra).await;
-    assert_eq!(
-        (got.0, code(&got.1)),
-        (StatusCode::BAD_REQUEST, "invalid_request"),
-        "{}",
-        got.1
-    );
+    invalid_request(&got);
     assert!(
         got.1["error"]["message"]
             .as_str()
@@ -1673,38 +1555,18 @@ async fn uploads_with_bad_headers_or_hashes_leave_nothing_behind() {
         "{}",
         got.1
     );
-    let got = submit(
-        &env,
-        body(
-            submit_msg(&c, task, sha256(&blob), &urn),
-            json!({"logit_bias": {}}),
-        ),
-    )
-    .await;
-    assert_eq!(
-        (got.0, code(&got.1)),
-        (StatusCode::BAD_REQUEST, "invalid_request"),
-        "{}",
-        got.1
-    );
+    let logit_bias = json!({"logit_bias": {}});
+    let got = submit(&env, body(submit_msg(&c, task, hash, &urn), logit_bias)).await;
+    invalid_request(&got);
     assert!(param(&got.1).starts_with("params"), "{}", got.1);
     let open_extra = json!({"open": sign(&env, open_msg(Uuid::now_v7()), &c.wallet), "note": "x"});
     let got = env
         .call("POST", "/api/v3/sessions", None, Some(open_extra))
         .await;
-    assert_eq!(
-        (got.0, code(&got.1)),
-        (StatusCode::BAD_REQUEST, "invalid_request"),
-        "{}",
-        got.1
-    );
+    invalid_request(&got);
     // The task was never queued by any of these.
     assert!(env.state.store.get_task(task).await.is_err());
-    let got = submit(
-        &env,
-        body(submit_msg(&c, task, sha256(&blob), &urn), json!({})),
-    )
-    .await;
+    let got = submit(&env, body(submit_msg(&c, task, hash, &urn), json!({}))).await;
     assert_eq!(got.0, StatusCode::ACCEPTED, "{}", got.1);
     // Its id is taken now, for uploads too.
     let got = upload(&env, &c, task, blob, &sha).await;
@@ -1726,15 +1588,18 @@ async fn oversized_uploads_are_refused() {
         &big,
     )
     .unwrap();
-    let before = files_under(&env.blob_dir()).len();
-    let got = upload(&env, &c, task, blob.clone(), &hex::encode(sha256(&blob))).await;
-    refused(
-        &got,
+    let before = env.blob_count();
+    upload_refused(
+        &env,
+        &c,
+        task,
+        blob,
         StatusCode::PAYLOAD_TOO_LARGE,
         "blob_too_large",
         "body",
-    );
-    assert_eq!(files_under(&env.blob_dir()).len(), before);
+    )
+    .await;
+    assert_eq!(env.blob_count(), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1746,8 +1611,7 @@ async fn read_tokens_open_their_own_session_only() {
     let b = open(&env, &[]).await;
 
     let task_path = format!("/api/v3/tasks/{task}");
-    let (st, _) = env.call("GET", &task_path, Some(&a.token), None).await;
-    assert_eq!(st, StatusCode::OK);
+    env.ok("GET", &task_path, &a.token, None).await;
     for bearer in [None, Some("vst_0123"), Some("vk_not-a-read-token")] {
         let got = env.call("GET", &task_path, bearer, None).await;
         refused(
@@ -1838,15 +1702,8 @@ async fn read_tokens_open_their_own_session_only() {
     );
 
     // Closing cancels the queued task; the token still reads it.
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/api/v3/sessions/{}/close", a.session),
-            Some(&a.token),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
+    let close = format!("/api/v3/sessions/{}/close", a.session);
+    env.ok("POST", &close, &a.token, None).await;
     let (st, v) = env.call("GET", &task_path, Some(&a.token), None).await;
     assert_eq!(
         (st, v["state"].as_str()),
@@ -1855,16 +1712,7 @@ async fn read_tokens_open_their_own_session_only() {
     );
     assert!(v["error"]["code"].as_str().is_some(), "{v}");
     // A cancelled task's stream ends with done at once.
-    let r = env
-        .raw(
-            "GET",
-            &format!("{task_path}/stream"),
-            Some(&a.token),
-            &[],
-            Body::empty(),
-        )
-        .await;
-    let events = sse_events(&r.bytes);
+    let events = stream_events(&env, &a.token, task).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].0, "done");
     let got = env
@@ -1880,25 +1728,15 @@ async fn prompts_follow_the_active_key_version() {
     let k1 = session_key(&env, &mut c).await;
     // Sealed and uploaded under version 1, not yet submitted.
     let task = Uuid::now_v7();
-    let blob = seal_prompt(
-        &veil_keys::derive_task_key(&k1, &task),
-        KeyId::task(1, c.session, task),
-    );
-    let hash = sha256(&blob);
-    let (st, receipt) = upload(&env, &c, task, blob, &hex::encode(hash)).await;
-    assert_eq!(st, StatusCode::CREATED, "{receipt}");
-    let urn = receipt["urn"].as_str().unwrap().to_string();
+    let (hash, urn) = upload_ok(&env, &c, task, task_prompt(&k1, 1, &c, task)).await;
 
-    let (st, v) = env
-        .call("POST", "/api/admin/keys/rotate", Some(&env.admin), None)
+    env.ok("POST", "/api/admin/keys/rotate", &env.admin, None)
         .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
     let (_, cfg) = env.call("GET", "/api/v3/config", None, None).await;
     assert_eq!(cfg["active_key_version"], json!(2));
 
     // The version 1 prompt is stale now, at submission and at upload.
-    let m = submit_msg(&c, task, hash, &urn);
-    let got = submit(&env, json!({"task": sign(&env, m, &c.wallet)})).await;
+    let got = submit_signed(&env, submit_msg(&c, task, hash, &urn), &c.wallet).await;
     refused(
         &got,
         StatusCode::CONFLICT,
@@ -1912,28 +1750,20 @@ async fn prompts_follow_the_active_key_version() {
             .contains("version 2")
     );
     let other = Uuid::now_v7();
-    let blob = seal_prompt(
-        &veil_keys::derive_task_key(&k1, &other),
-        KeyId::task(1, c.session, other),
-    );
-    let got = upload(&env, &c, other, blob.clone(), &hex::encode(sha256(&blob))).await;
-    refused(
-        &got,
+    upload_refused(
+        &env,
+        &c,
+        other,
+        task_prompt(&k1, 1, &c, other),
         StatusCode::CONFLICT,
         "key_version_stale",
         "body.header",
-    );
+    )
+    .await;
 
     // Under version 2 it goes through.
     let m = key_msg(c.session, Uuid::nil(), 1, 2, c.recipient());
-    let (st, v) = env
-        .call(
-            "POST",
-            "/api/v3/keys",
-            None,
-            Some(json!(sign(&env, m, &c.wallet))),
-        )
-        .await;
+    let (st, v) = ask_key(&env, m, &c.wallet).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let k2 = veil_keys::unwrap_key(
         &c.x,
@@ -1941,15 +1771,8 @@ async fn prompts_follow_the_active_key_version() {
         &KeyId::session(2, c.session),
     )
     .unwrap();
-    let blob = seal_prompt(
-        &veil_keys::derive_task_key(&k2, &task),
-        KeyId::task(2, c.session, task),
-    );
-    let hash = sha256(&blob);
-    let (st, receipt) = upload(&env, &c, task, blob, &hex::encode(hash)).await;
-    assert_eq!(st, StatusCode::CREATED, "{receipt}");
-    let m = submit_msg(&c, task, hash, receipt["urn"].as_str().unwrap());
-    let (st, v) = submit(&env, json!({"task": sign(&env, m, &c.wallet)})).await;
+    let (hash, urn) = upload_ok(&env, &c, task, task_prompt(&k2, 2, &c, task)).await;
+    let (st, v) = submit_signed(&env, submit_msg(&c, task, hash, &urn), &c.wallet).await;
     assert_eq!(
         (st, v["key_version"].as_u64()),
         (StatusCode::ACCEPTED, Some(2)),
@@ -1957,25 +1780,11 @@ async fn prompts_follow_the_active_key_version() {
     );
 
     // Retired, then destroyed: version 1 keys are refused with their codes.
-    let (st, v) = env
-        .call(
-            "POST",
-            "/api/admin/keys/retire",
-            Some(&env.admin),
-            Some(json!({"up_to": 1})),
-        )
+    let retire = json!({"up_to": 1});
+    env.ok("POST", "/api/admin/keys/retire", &env.admin, Some(retire))
         .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    let ask = |c: &Client| {
-        sign(
-            &env,
-            key_msg(c.session, Uuid::nil(), 1, 1, c.recipient()),
-            &c.wallet,
-        )
-    };
-    let got = env
-        .call("POST", "/api/v3/keys", None, Some(json!(ask(&c))))
-        .await;
+    let v1_key = || key_msg(c.session, Uuid::nil(), 1, 1, c.recipient());
+    let got = ask_key(&env, v1_key(), &c.wallet).await;
     refused(
         &got,
         StatusCode::FORBIDDEN,
@@ -1992,29 +1801,21 @@ async fn prompts_follow_the_active_key_version() {
         .await;
     assert_eq!(st, StatusCode::CONFLICT, "{v}");
     let n = v["affected_blobs"].as_u64().unwrap();
-    let (st, v) = env
-        .call(
-            "POST",
-            "/api/admin/keys/destroy",
-            Some(&env.admin),
-            Some(json!({"version": 1, "confirm_blobs": n})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    let got = env
-        .call("POST", "/api/v3/keys", None, Some(json!(ask(&c))))
-        .await;
+    let confirmed = json!({"version": 1, "confirm_blobs": n});
+    env.ok(
+        "POST",
+        "/api/admin/keys/destroy",
+        &env.admin,
+        Some(confirmed),
+    )
+    .await;
+    let got = ask_key(&env, v1_key(), &c.wallet).await;
     refused(
         &got,
         StatusCode::FORBIDDEN,
         "key_version_destroyed",
         "message.keyVersion",
     );
-}
-
-/// Counts the `bytes` events.
-fn bytes_events(events: &[(String, Value)]) -> usize {
-    events.iter().filter(|(n, _)| n == "bytes").count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2030,16 +1831,7 @@ async fn a_stream_opened_after_a_fast_miner_still_gets_the_relayed_pieces() {
     let l = lease(&env, &miner).await;
     assert!(l.params.stream);
     let stored = run_task(&env, &miner, &l).await;
-    let r = env
-        .raw(
-            "GET",
-            &format!("/api/v3/tasks/{task}/stream"),
-            Some(&c.token),
-            &[],
-            Body::empty(),
-        )
-        .await;
-    let events = sse_events(&r.bytes);
+    let events = stream_events(&env, &c.token, task).await;
     let (bytes, done, starts) = reassemble(&events);
     assert_eq!((bytes.as_slice(), starts), (stored.as_slice(), 1));
     assert!(
@@ -2047,48 +1839,16 @@ async fn a_stream_opened_after_a_fast_miner_still_gets_the_relayed_pieces() {
         "one event per uploaded piece: {events:?}"
     );
     assert_eq!(done.state, "completed");
-    let opened = veil_keys::open(&k_task, &bytes).unwrap();
-    assert_eq!(
-        opened.plaintext.into_zeroizing().as_slice(),
-        RESULT_TEXT.as_bytes()
-    );
+    assert_result_text(&k_task, &bytes);
     // The first stream took the subscription: a second one gets the stored blob.
-    let r = env
-        .raw(
-            "GET",
-            &format!("/api/v3/tasks/{task}/stream"),
-            Some(&c.token),
-            &[],
-            Body::empty(),
-        )
-        .await;
-    let events = sse_events(&r.bytes);
-    let (bytes, _, starts) = reassemble(&events);
-    assert_eq!(
-        (bytes.as_slice(), starts, bytes_events(&events)),
-        (stored.as_slice(), 1, 1)
-    );
+    streams_stored_blob(&env, &c.token, task, &stored).await;
 
     // A task queued without `stream` has no relay waiting: the stored blob, in one piece.
     let (task, _, _) = queued_task_with(&env, &c, &k_session, false).await;
     let l = lease(&env, &miner).await;
     assert!(!l.params.stream);
     let stored = run_task(&env, &miner, &l).await;
-    let r = env
-        .raw(
-            "GET",
-            &format!("/api/v3/tasks/{task}/stream"),
-            Some(&c.token),
-            &[],
-            Body::empty(),
-        )
-        .await;
-    let events = sse_events(&r.bytes);
-    let (bytes, _, starts) = reassemble(&events);
-    assert_eq!(
-        (bytes.as_slice(), starts, bytes_events(&events)),
-        (stored.as_slice(), 1, 1)
-    );
+    streams_stored_blob(&env, &c.token, task, &stored).await;
 }
 
 /// A plain HTTP/1.1 request to a presigned URL of the loopback S3 server (the router's tests
@@ -2156,9 +1916,8 @@ async fn presigned_upload_and_download_on_s3() {
         let token = c.token.clone();
         let env = &env;
         async move {
-            let (st, v) = env.call("POST", &path, Some(&token), None).await;
-            assert_eq!(st, StatusCode::OK, "{v}");
-            let p: PresignedUrl = serde_json::from_value(v).unwrap();
+            let got = env.call("POST", &path, Some(&token), None).await;
+            let p: PresignedUrl = answer(got, StatusCode::OK);
             assert_eq!(p.method, "PUT");
             assert!(p.expires_at > unix_now() && p.expires_at <= unix_now() + 600);
             p
@@ -2171,8 +1930,12 @@ async fn presigned_upload_and_download_on_s3() {
     let p = presign(task).await;
     let wrong = seal_prompt(&k_session, KeyId::session(1, c.session));
     assert_eq!(http("PUT", &p.url, &wrong).await.0, 200);
-    let m = submit_msg(&c, task, sha256(&wrong), &p.urn);
-    let got = submit(&env, json!({"task": sign(&env, m, &c.wallet)})).await;
+    let got = submit_signed(
+        &env,
+        submit_msg(&c, task, sha256(&wrong), &p.urn),
+        &c.wallet,
+    )
+    .await;
     refused(
         &got,
         StatusCode::BAD_REQUEST,
@@ -2185,8 +1948,7 @@ async fn presigned_upload_and_download_on_s3() {
     let k_task = veil_keys::derive_task_key(&k_session, &task);
     let blob = seal_prompt(&k_task, KeyId::task(1, c.session, task));
     assert_eq!(http("PUT", &p.url, &blob).await.0, 200);
-    let m = submit_msg(&c, task, [9; 32], &p.urn);
-    let got = submit(&env, json!({"task": sign(&env, m, &c.wallet)})).await;
+    let got = submit_signed(&env, submit_msg(&c, task, [9; 32], &p.urn), &c.wallet).await;
     refused(
         &got,
         StatusCode::BAD_REQUEST,
@@ -2194,48 +1956,20 @@ async fn presigned_upload_and_download_on_s3() {
         "task.message.promptHash",
     );
     let m = submit_msg(&c, task, sha256(&blob), &p.urn);
-    let (st, v) = submit(&env, json!({"task": sign(&env, m, &c.wallet)})).await;
+    let (st, v) = submit_signed(&env, m, &c.wallet).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let miner = miner_login(&env, PrivateKeySigner::random()).await;
     let l = lease(&env, &miner).await;
     let stored = run_task(&env, &miner, &l).await;
 
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/api/v3/tasks/{task}/result/presign"),
-            Some(&c.token),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    let p: PresignedUrl = serde_json::from_value(v).unwrap();
+    let path = format!("/api/v3/tasks/{task}/result/presign");
+    let got = env.call("POST", &path, Some(&c.token), None).await;
+    let p: PresignedUrl = answer(got, StatusCode::OK);
     assert_eq!(p.method, "GET");
     let (status, got) = http("GET", &p.url, b"").await;
     assert_eq!((status, got), (200, stored.clone()));
-    let opened = veil_keys::open(&k_task, &stored).unwrap();
-    assert_eq!(
-        opened.plaintext.into_zeroizing().as_slice(),
-        RESULT_TEXT.as_bytes()
-    );
-    assert!(
-        env.state
-            .store
-            .get_task(task)
-            .await
-            .unwrap()
-            .delivered_at_ms
-            .is_some()
-    );
-    let presigns = env
-        .state
-        .store
-        .audit_entries(0, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.entry.action == "blob.presign")
-        .count();
-    assert_eq!(presigns, 3);
+    assert_result_text(&k_task, &stored);
+    assert!(env.delivered(task).await);
+    assert_eq!(env.audited("blob.presign").await.len(), 3);
     assert!(!env.received(CANARY.as_bytes()));
 }

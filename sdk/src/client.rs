@@ -29,8 +29,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use veil_api::eip712::{KeyRequest, Message, OpenSession, Signed, SubmitTask};
@@ -515,6 +515,30 @@ pub(crate) fn check_result_header(header: &Header, session_id: Uuid, task_id: Uu
     Ok(())
 }
 
+/// Checks that the router answered with the task asked about.
+fn check_task(
+    task: &V3Task,
+    session_id: Uuid,
+    task_id: Uuid,
+    endpoint: &'static str,
+) -> Result<()> {
+    if task.task_id != task_id || task.session_id != session_id {
+        return Err(Error::Protocol {
+            endpoint,
+            detail: "the router answered with another task".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The read token a session-scope key request issued to the session's owner.
+fn owner_token(token: Option<ReadToken>) -> Result<ReadToken> {
+    token.ok_or_else(|| Error::Protocol {
+        endpoint: EP_KEYS,
+        detail: "no read token was issued to the session's owner".into(),
+    })
+}
+
 /// `io::Write` into a wiping buffer, so that the serialized prompt leaves no copies behind.
 struct PlaintextWriter<'a>(&'a mut Plaintext);
 
@@ -573,6 +597,11 @@ impl Client {
         format!("{}{}", self.inner.base, path)
     }
 
+    /// The URL of `route` with its `{name}` parameter filled with `id`.
+    pub(crate) fn url_with(&self, route: &str, name: &str, id: Uuid) -> String {
+        self.url(&routes::fill(route, name, &id.to_string()))
+    }
+
     pub(crate) fn http(&self) -> &reqwest::Client {
         &self.inner.http
     }
@@ -598,6 +627,47 @@ impl Client {
         loop {
             if let Outcome::Response(r) = retrier.attempt(make(), endpoint).await? {
                 return Ok(r);
+            }
+        }
+    }
+
+    /// Sends a signed request, retrying transient failures: the same signed body again when the
+    /// previous attempt certainly did not reach the router, a body from `sign` (a fresh nonce)
+    /// otherwise. Also says whether an earlier attempt may have reached the router: then an
+    /// `…_exists` refusal means that attempt was applied and only its answer was lost.
+    async fn send_signed<B, Fut>(
+        &self,
+        endpoint: &'static str,
+        url: &str,
+        mut sign: impl FnMut() -> Fut,
+    ) -> (Result<Response>, bool)
+    where
+        B: Serialize,
+        Fut: Future<Output = Result<B>>,
+    {
+        let mut retrier = self.retrier();
+        let mut body: Option<B> = None;
+        let (mut resign, mut ambiguous) = (false, false);
+        loop {
+            if body.is_none() || resign {
+                match sign().await {
+                    Ok(b) => body = Some(b),
+                    Err(e) => return (Err(e), ambiguous),
+                }
+            }
+            let rb = self
+                .inner
+                .http
+                .post(url)
+                .timeout(self.inner.timeout)
+                .json(body.as_ref().expect("signed above"));
+            match retrier.attempt(rb, endpoint).await {
+                Ok(Outcome::Response(r)) => return (Ok(r), ambiguous),
+                Ok(Outcome::Retry { reached }) => {
+                    resign = reached;
+                    ambiguous |= reached;
+                }
+                Err(e) => return (Err(e), ambiguous),
             }
         }
     }
@@ -668,41 +738,29 @@ impl Client {
             .map(|a| a.to_checksum(None))
             .collect();
         let url = self.url(routes::V3_SESSIONS);
-        let mut retrier = self.retrier();
-        let mut body: Option<OpenSessionRequest> = None;
-        let (mut resign, mut ambiguous) = (false, false);
-        let resp = loop {
-            if body.is_none() || resign {
-                let msg = OpenSession {
-                    session_id,
-                    kind: opts.kind.as_byte(),
-                    expires_at: unix_now() + MESSAGE_TTL_SECS,
-                    nonce: Nonce::random(),
-                };
-                body = Some(OpenSessionRequest {
-                    open: self.sign(msg, &cfg.domain).await?,
+        let (kind, domain, allowed) = (opts.kind.as_byte(), &cfg.domain, &allowed);
+        let sign = move || {
+            let msg = OpenSession {
+                session_id,
+                kind,
+                expires_at: unix_now() + MESSAGE_TTL_SECS,
+                nonce: Nonce::random(),
+            };
+            async move {
+                Ok(OpenSessionRequest {
+                    open: self.sign(msg, domain).await?,
                     ttl_secs,
                     allowed_miners: allowed.clone(),
-                });
+                })
             }
-            let rb = self
-                .inner
-                .http
-                .post(&url)
-                .timeout(self.inner.timeout)
-                .json(body.as_ref().expect("signed above"));
-            match retrier.attempt(rb, EP_SESSIONS).await {
-                Ok(Outcome::Response(r)) => break r,
-                Ok(Outcome::Retry { reached }) => {
-                    resign = reached;
-                    ambiguous |= reached;
-                }
-                // An earlier attempt got through but its answer was lost: take the session over.
-                Err(Error::Api { code, .. }) if ambiguous && code == "session_exists" => {
-                    return self.resume_session(session_id).await;
-                }
-                Err(e) => return Err(e),
+        };
+        let resp = match self.send_signed(EP_SESSIONS, &url, sign).await {
+            (Ok(r), _) => r,
+            // An earlier attempt got through but its answer was lost: take the session over.
+            (Err(Error::Api { code, .. }), true) if code == "session_exists" => {
+                return self.resume_session(session_id).await;
             }
+            (Err(e), _) => return Err(e),
         };
         let opened: OpenSessionResponse = json(EP_SESSIONS, resp).await?;
         self.check_session(&opened.session, session_id, EP_SESSIONS)?;
@@ -739,10 +797,7 @@ impl Client {
         let (key, token) = self
             .request_session_key(session_id, version, &cfg.domain)
             .await?;
-        let token = token.ok_or_else(|| Error::Protocol {
-            endpoint: EP_KEYS,
-            detail: "no read token was issued to the session's owner".into(),
-        })?;
+        let token = owner_token(token)?;
         let info = self.fetch_session(session_id, &token.token).await?;
         self.check_session(&info, session_id, EP_SESSION)?;
         let session = Session::new(info, Some(token));
@@ -752,11 +807,7 @@ impl Client {
     }
 
     async fn fetch_session(&self, session_id: Uuid, token: &str) -> Result<V3Session> {
-        let url = self.url(&routes::fill(
-            routes::V3_SESSION,
-            "session_id",
-            &session_id.to_string(),
-        ));
+        let url = self.url_with(routes::V3_SESSION, "session_id", session_id);
         let resp = self
             .send(EP_SESSION, || {
                 self.inner
@@ -775,11 +826,7 @@ impl Client {
             Some(s) => s,
             None => return Ok(self.resume_session(session_id).await?.info()),
         };
-        let url = self.url(&routes::fill(
-            routes::V3_SESSION,
-            "session_id",
-            &session_id.to_string(),
-        ));
+        let url = self.url_with(routes::V3_SESSION, "session_id", session_id);
         let resp = self
             .authed(&session, EP_SESSION, || {
                 self.inner.http.get(&url).timeout(self.inner.timeout)
@@ -794,11 +841,7 @@ impl Client {
     /// Closes the session: no new tasks, and its keys are no longer released. The keys this
     /// client cached for it are dropped.
     pub async fn close_session(&self, session: &Session) -> Result<()> {
-        let url = self.url(&routes::fill(
-            routes::V3_SESSION_CLOSE,
-            "session_id",
-            &session.id().to_string(),
-        ));
+        let url = self.url_with(routes::V3_SESSION_CLOSE, "session_id", session.id());
         let resp = self
             .authed(session, EP_CLOSE, || {
                 self.inner.http.post(&url).timeout(self.inner.timeout)
@@ -849,33 +892,19 @@ impl Client {
         let secret = X25519Secret::generate()?;
         let recipient = Hex32(*secret.public().as_bytes());
         let url = self.url(routes::V3_KEYS);
-        let mut retrier = self.retrier();
-        let mut body: Option<Signed<KeyRequest>> = None;
-        let mut resign = false;
-        let resp = loop {
-            if body.is_none() || resign {
-                let msg = KeyRequest {
-                    session_id,
-                    task_id: Uuid::nil(),
-                    scope: Scope::Session.as_byte(),
-                    key_version: version,
-                    recipient,
-                    expires_at: unix_now() + MESSAGE_TTL_SECS,
-                    nonce: Nonce::random(),
-                };
-                body = Some(self.sign(msg, domain).await?);
-            }
-            let rb = self
-                .inner
-                .http
-                .post(&url)
-                .timeout(self.inner.timeout)
-                .json(body.as_ref().expect("signed above"));
-            match retrier.attempt(rb, EP_KEYS).await? {
-                Outcome::Response(r) => break r,
-                Outcome::Retry { reached } => resign = reached,
-            }
+        let sign = move || {
+            let msg = KeyRequest {
+                session_id,
+                task_id: Uuid::nil(),
+                scope: Scope::Session.as_byte(),
+                key_version: version,
+                recipient,
+                expires_at: unix_now() + MESSAGE_TTL_SECS,
+                nonce: Nonce::random(),
+            };
+            self.sign(msg, domain)
         };
+        let resp = self.send_signed(EP_KEYS, &url, sign).await.0?;
         let kr: KeyResponse = json(EP_KEYS, resp).await?;
         if kr.scope != Scope::Session.as_byte() || kr.key_version != version {
             return Err(Error::Protocol {
@@ -918,10 +947,7 @@ impl Client {
             .request_session_key(session.id(), version, &cfg.domain)
             .await?;
         session.cache_key(version, key);
-        let token = token.ok_or_else(|| Error::Protocol {
-            endpoint: EP_KEYS,
-            detail: "no read token was issued to the session's owner".into(),
-        })?;
+        let token = owner_token(token)?;
         session.set_token(token.clone());
         Ok(token.token)
     }
@@ -1015,50 +1041,34 @@ impl Client {
 
         let params = request.params(stream);
         let url = self.url(routes::V3_COMPLETIONS);
-        let mut retrier = self.retrier();
-        let mut body: Option<SubmitTaskRequest> = None;
-        let (mut resign, mut ambiguous) = (false, false);
-        let task: V3Task = loop {
-            if body.is_none() || resign {
-                let msg = SubmitTask {
-                    session_id,
-                    task_id,
-                    prompt_hash,
-                    prompt_urn: prompt_urn.clone(),
-                    model: request.model.clone(),
-                    expires_at: unix_now() + MESSAGE_TTL_SECS,
-                    nonce: Nonce::random(),
-                };
-                body = Some(SubmitTaskRequest {
-                    task: self.sign(msg, &cfg.domain).await?,
+        let (domain, prompt_urn, model, params) =
+            (&cfg.domain, &prompt_urn, &request.model, &params);
+        let sign = move || {
+            let msg = SubmitTask {
+                session_id,
+                task_id,
+                prompt_hash,
+                prompt_urn: prompt_urn.clone(),
+                model: model.clone(),
+                expires_at: unix_now() + MESSAGE_TTL_SECS,
+                nonce: Nonce::random(),
+            };
+            async move {
+                Ok(SubmitTaskRequest {
+                    task: self.sign(msg, domain).await?,
                     params: params.clone(),
-                });
-            }
-            let rb = self
-                .inner
-                .http
-                .post(&url)
-                .timeout(self.inner.timeout)
-                .json(body.as_ref().expect("signed above"));
-            match retrier.attempt(rb, EP_COMPLETIONS).await {
-                Ok(Outcome::Response(r)) => break json(EP_COMPLETIONS, r).await?,
-                Ok(Outcome::Retry { reached }) => {
-                    resign = reached;
-                    ambiguous |= reached;
-                }
-                // An earlier attempt got through but its answer was lost.
-                Err(Error::Api { code, .. }) if ambiguous && code == "task_exists" => {
-                    break self.task(session, task_id).await?;
-                }
-                Err(e) => return Err(e),
+                })
             }
         };
-        if task.task_id != task_id || task.session_id != session_id {
-            return Err(Error::Protocol {
-                endpoint: EP_COMPLETIONS,
-                detail: "the router answered with another task".into(),
-            });
-        }
+        let task: V3Task = match self.send_signed(EP_COMPLETIONS, &url, sign).await {
+            (Ok(r), _) => json(EP_COMPLETIONS, r).await?,
+            // An earlier attempt got through but its answer was lost.
+            (Err(Error::Api { code, .. }), true) if code == "task_exists" => {
+                self.task(session, task_id).await?
+            }
+            (Err(e), _) => return Err(e),
+        };
+        check_task(&task, session_id, task_id, EP_COMPLETIONS)?;
         if task.prompt_hash != prompt_hash {
             return Err(Error::Integrity(
                 "the router's task names another prompt than the one this client sealed".into(),
@@ -1137,11 +1147,7 @@ impl Client {
         task_id: Uuid,
         wait: Option<Duration>,
     ) -> Result<V3Task> {
-        let mut url = self.url(&routes::fill(
-            routes::V3_TASK,
-            "task_id",
-            &task_id.to_string(),
-        ));
+        let mut url = self.url_with(routes::V3_TASK, "task_id", task_id);
         let timeout = match wait {
             Some(w) => {
                 url.push_str(&format!("?wait_ms={}", w.as_millis()));
@@ -1155,12 +1161,7 @@ impl Client {
             })
             .await?;
         let task: V3Task = json(EP_TASK, resp).await?;
-        if task.task_id != task_id || task.session_id != session.id() {
-            return Err(Error::Protocol {
-                endpoint: EP_TASK,
-                detail: "the router answered with another task".into(),
-            });
-        }
+        check_task(&task, session.id(), task_id, EP_TASK)?;
         Ok(task)
     }
 
@@ -1262,11 +1263,7 @@ impl Client {
         task_id: Uuid,
         size: u64,
     ) -> Result<Vec<u8>> {
-        let url = self.url(&routes::fill(
-            routes::V3_TASK_RESULT,
-            "task_id",
-            &task_id.to_string(),
-        ));
+        let url = self.url_with(routes::V3_TASK_RESULT, "task_id", task_id);
         let timeout = self.inner.timeout + Duration::from_secs(size / (1 << 20));
         let resp = self
             .authed(session, EP_RESULT, || {

@@ -100,11 +100,7 @@ impl CompletionStream {
         let k_session = client.session_key(&session, task.key_version).await?;
         let k_task = derive_task_key(&k_session, &task.task_id);
         drop(k_session);
-        let url = format!(
-            "{}{}",
-            client.router_url(),
-            routes::fill(routes::V3_TASK_STREAM, "task_id", &task.task_id.to_string())
-        );
+        let url = client.url_with(routes::V3_TASK_STREAM, "task_id", task.task_id);
         let timeout = deadline.saturating_duration_since(Instant::now());
         let resp = client
             .authed(&session, EP_STREAM, || {

@@ -48,6 +48,11 @@ async fn veil(env: &[(&str, &str)], args: &[&str], stdin: &str) -> Run {
     .unwrap()
 }
 
+/// Runs `veil` with `parts` one after the other, then `base` (the router and the wallet).
+async fn veil_as(base: &[&str], parts: &[&[&str]], stdin: &str) -> Run {
+    veil(&[], &[parts, &[base]].concat().concat(), stdin).await
+}
+
 fn ok(run: &Run) -> &str {
     assert_eq!(run.code, 0, "stderr: {}", run.stderr);
     assert!(run.stderr.is_empty(), "stderr: {}", run.stderr);
@@ -89,27 +94,15 @@ async fn sessions_completions_and_tasks_from_the_command_line() {
         "--private-key-file",
         key.as_str(),
     ];
-    let with = |extra: &[&'static str]| -> Vec<String> {
-        base.iter()
-            .map(|s| s.to_string())
-            .chain(extra.iter().map(|s| s.to_string()))
-            .collect()
-    };
-    let run = |args: Vec<String>, stdin: &'static str| async move {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        veil(&[], &refs, stdin).await
-    };
     let mut all_output = String::new();
 
     // session open (JSON), then show (text and JSON).
-    let mut args = vec![
-        "session".to_string(),
-        "open".into(),
-        "--ttl".into(),
-        "3600".into(),
-    ];
-    args.extend(with(&["--json"]));
-    let r = run(args, "").await;
+    let r = veil_as(
+        &base,
+        &[&["session", "open", "--ttl", "3600", "--json"]],
+        "",
+    )
+    .await;
     let opened = json(ok(&r));
     all_output.push_str(&r.stdout);
     let sid = opened["session_id"].as_str().unwrap().to_string();
@@ -117,30 +110,25 @@ async fn sessions_completions_and_tasks_from_the_command_line() {
     assert_eq!(opened["kind"], "dedicated");
     assert!(opened["expires_at_ms"].is_i64());
 
-    let mut args = vec!["session".to_string(), "show".into(), sid.clone()];
-    args.extend(with(&[]));
-    let r = run(args, "").await;
+    let r = veil_as(&base, &[&["session", "show", &sid]], "").await;
     let text = ok(&r).to_string();
     all_output.push_str(&text);
     assert!(text.starts_with(&format!("session {sid}\n")), "{text}");
     assert!(text.contains("owner"), "{text}");
 
     // complete --json with the prompt as an argument.
-    let mut args = vec![
-        "complete".to_string(),
-        "--session".into(),
-        sid.clone(),
-        "--model".into(),
-        "tiny".into(),
-        "--max-tokens".into(),
-        "6".into(),
-        "--seed".into(),
-        "3".into(),
-        "--json".into(),
-        "hello cli".into(),
+    let complete = [
+        "complete",
+        "--session",
+        &sid,
+        "--model",
+        "tiny",
+        "--max-tokens",
+        "6",
+        "--seed",
+        "3",
     ];
-    args.extend(with(&[]));
-    let r = run(args, "").await;
+    let r = veil_as(&base, &[&complete, &["--json", "hello cli"]], "").await;
     let done = json(ok(&r));
     all_output.push_str(&r.stdout);
     let want = expected(&env.engine, "hello cli", 6, 3);
@@ -152,39 +140,16 @@ async fn sessions_completions_and_tasks_from_the_command_line() {
     let task_id = done["task_id"].as_str().unwrap().to_string();
 
     // The prompt from stdin, streamed, as text: the same answer.
-    let mut args = vec![
-        "complete".to_string(),
-        "--session".into(),
-        sid.clone(),
-        "--model".into(),
-        "tiny".into(),
-        "--max-tokens".into(),
-        "6".into(),
-        "--seed".into(),
-        "3".into(),
-        "--stream".into(),
-    ];
-    args.extend(with(&[]));
-    let r = run(args, "hello cli\n").await;
+    let r = veil_as(&base, &[&complete, &["--stream"]], "hello cli\n").await;
     assert_eq!(ok(&r), format!("{want}\n"));
 
     // Streamed as JSON lines: deltas, then the verified summary.
-    let mut args = vec![
-        "complete".to_string(),
-        "--session".into(),
-        sid.clone(),
-        "--model".into(),
-        "tiny".into(),
-        "--max-tokens".into(),
-        "6".into(),
-        "--seed".into(),
-        "3".into(),
-        "--stream".into(),
-        "--json".into(),
-        "-".into(),
-    ];
-    args.extend(with(&[]));
-    let r = run(args, "hello cli").await;
+    let r = veil_as(
+        &base,
+        &[&complete, &["--stream", "--json", "-"]],
+        "hello cli",
+    )
+    .await;
     let lines: Vec<Value> = ok(&r).lines().map(json).collect();
     let (last, deltas) = lines.split_last().unwrap();
     let text: String = deltas
@@ -196,30 +161,14 @@ async fn sessions_completions_and_tasks_from_the_command_line() {
     assert_eq!(last["miner"], env.miner_address.to_checksum(None));
 
     // task show and task result.
-    let mut args = vec![
-        "task".to_string(),
-        "show".into(),
-        "--session".into(),
-        sid.clone(),
-        task_id.clone(),
-        "--json".into(),
-    ];
-    args.extend(with(&[]));
-    let r = run(args, "").await;
+    let task = ["--session", &sid, &task_id];
+    let r = veil_as(&base, &[&["task", "show"], &task, &["--json"]], "").await;
     let t = json(ok(&r));
     all_output.push_str(&r.stdout);
     assert_eq!(t["state"], "completed");
     assert_eq!(t["task_id"], task_id.as_str());
 
-    let mut args = vec![
-        "task".to_string(),
-        "show".into(),
-        "--session".into(),
-        sid.clone(),
-        task_id.clone(),
-    ];
-    args.extend(with(&[]));
-    let r = run(args, "").await;
+    let r = veil_as(&base, &[&["task", "show"], &task], "").await;
     let text = ok(&r).to_string();
     assert!(text.contains("state     completed"), "{text}");
     assert!(
@@ -227,15 +176,7 @@ async fn sessions_completions_and_tasks_from_the_command_line() {
         "{text}"
     );
 
-    let mut args = vec![
-        "task".to_string(),
-        "result".into(),
-        "--session".into(),
-        sid.clone(),
-        task_id.clone(),
-    ];
-    args.extend(with(&[]));
-    let r = run(args, "").await;
+    let r = veil_as(&base, &[&["task", "result"], &task], "").await;
     assert_eq!(ok(&r), format!("{want}\n"));
 
     // Another wallet (from VEIL_PRIVATE_KEY) is not the owner.
@@ -254,14 +195,10 @@ async fn sessions_completions_and_tasks_from_the_command_line() {
     assert!(!line.contains(&stranger), "{line}");
 
     // session close, then the session refuses.
-    let mut args = vec!["session".to_string(), "close".into(), sid.clone()];
-    args.extend(with(&["--json"]));
-    let r = run(args, "").await;
+    let r = veil_as(&base, &[&["session", "close", &sid, "--json"]], "").await;
     let closed = json(ok(&r));
     assert!(closed["closed_at_ms"].is_i64(), "{closed}");
-    let mut args = vec!["session".to_string(), "show".into(), sid.clone()];
-    args.extend(with(&[]));
-    let r = run(args, "").await;
+    let r = veil_as(&base, &[&["session", "show", &sid]], "").await;
     let line = fails(&r, 1);
     assert!(
         line.starts_with("veil: error: session: [session_closed]"),
@@ -292,17 +229,11 @@ async fn a_one_off_completion_from_a_config_file() {
     let config = config.to_str().unwrap();
 
     // Without --session: a session is opened for the completion and closed after it.
+    let env_config = [("VEIL_CONFIG", config)];
+    let complete = ["complete", "--max-tokens", "5", "--seed", "9"];
     let r = veil(
-        &[("VEIL_CONFIG", config)],
-        &[
-            "complete",
-            "--max-tokens",
-            "5",
-            "--seed",
-            "9",
-            "--json",
-            "one off",
-        ],
+        &env_config,
+        &[&complete[..], &["--json", "one off"]].concat(),
         "",
     )
     .await;
@@ -318,16 +249,8 @@ async fn a_one_off_completion_from_a_config_file() {
 
     // Text output by default; --keep-session keeps it open.
     let r = veil(
-        &[("VEIL_CONFIG", config)],
-        &[
-            "complete",
-            "--max-tokens",
-            "5",
-            "--seed",
-            "9",
-            "--keep-session",
-            "one off",
-        ],
+        &env_config,
+        &[&complete[..], &["--keep-session", "one off"]].concat(),
         "",
     )
     .await;
@@ -350,7 +273,7 @@ async fn a_one_off_completion_from_a_config_file() {
         "{}",
         r.stderr
     );
-    let r = veil(&[("VEIL_CONFIG", config)], &["complete"], "\n").await;
+    let r = veil(&env_config, &["complete"], "\n").await;
     assert!(fails(&r, 2).contains("the prompt is empty"), "{}", r.stderr);
     let r = veil(
         &[

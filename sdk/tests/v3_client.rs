@@ -11,14 +11,39 @@ use std::time::{Duration, Instant};
 use alloy::signers::local::PrivateKeySigner;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use support::{Env, MODEL, contains, expected, expected_with_stop, file_with_hash, files_under};
+use support::{Env, MODEL, expected, expected_with_stop, file_with_hash};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use veil_sdk::{CompletionRequest, Error, SessionKind, SessionOptions};
+use veil_sdk::{
+    Client, Completion, CompletionRequest, Error, Session, SessionKind, SessionOptions,
+};
+use veil_testkit::{contains, files_under};
 
 fn request(content: &str, max_tokens: u32, seed: u64) -> CompletionRequest {
     CompletionRequest::user(MODEL, content)
         .max_tokens(max_tokens)
         .seed(seed)
+}
+
+/// The verified answer to `request(content, max_tokens, seed)` in `session`.
+async fn complete(
+    client: &Client,
+    session: &Session,
+    content: &str,
+    max_tokens: u32,
+    seed: u64,
+) -> Completion {
+    client
+        .complete(session, &request(content, max_tokens, seed))
+        .await
+        .unwrap()
+}
+
+/// A fresh wallet, a client of `env` signing with it, and a session it opened.
+async fn open_session(env: &Env) -> (PrivateKeySigner, Client, Session) {
+    let wallet = PrivateKeySigner::random();
+    let client = env.client(&wallet);
+    let session = client.open_session(SessionOptions::new()).await.unwrap();
+    (wallet, client, session)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -42,10 +67,7 @@ async fn completion_and_stream_give_the_same_verified_text() {
 
     let canary = "canary-7f3a9c the secret prompt text";
     let want = expected(&env.engine, canary, 12, 7);
-    let c = client
-        .complete(&session, &request(canary, 12, 7))
-        .await
-        .unwrap();
+    let c = complete(&client, &session, canary, 12, 7).await;
     assert_eq!(c.text.as_str(), want);
     assert_eq!(c.miner, env.miner_address);
     assert_eq!(c.key_version, 1);
@@ -106,10 +128,7 @@ async fn a_second_client_resumes_the_session_and_reads_tasks() {
         .open_session(SessionOptions::new().ttl(Duration::from_secs(3600)))
         .await
         .unwrap();
-    let c = first
-        .complete(&session, &request("resume me", 6, 1))
-        .await
-        .unwrap();
+    let c = complete(&first, &session, "resume me", 6, 1).await;
 
     // Another process with the same wallet.
     let second = env.client(&wallet);
@@ -163,13 +182,8 @@ async fn a_second_client_resumes_the_session_and_reads_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rotation_keeps_old_results_readable_and_retirement_refuses_them() {
     let env = Env::start().await;
-    let wallet = PrivateKeySigner::random();
-    let client = env.client(&wallet);
-    let session = client.open_session(SessionOptions::new()).await.unwrap();
-    let old = client
-        .complete(&session, &request("before rotation", 5, 3))
-        .await
-        .unwrap();
+    let (wallet, client, session) = open_session(&env).await;
+    let old = complete(&client, &session, "before rotation", 5, 3).await;
     assert_eq!(old.key_version, 1);
 
     let (st, v) = env.admin_post("/api/admin/keys/rotate", &json!({})).await;
@@ -177,10 +191,7 @@ async fn rotation_keeps_old_results_readable_and_retirement_refuses_them() {
 
     // The client's cached config still says version 1: the router answers key_version_stale
     // and the client reseals once under version 2.
-    let new = client
-        .complete(&session, &request("after rotation", 5, 3))
-        .await
-        .unwrap();
+    let new = complete(&client, &session, "after rotation", 5, 3).await;
     assert_eq!(new.key_version, 2);
     assert_eq!(
         new.text.as_str(),
@@ -217,13 +228,8 @@ async fn rotation_keeps_old_results_readable_and_retirement_refuses_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tampered_result_is_an_integrity_error() {
     let env = Env::start().await;
-    let wallet = PrivateKeySigner::random();
-    let client = env.client(&wallet);
-    let session = client.open_session(SessionOptions::new()).await.unwrap();
-    let c = client
-        .complete(&session, &request("tamper with my answer", 8, 4))
-        .await
-        .unwrap();
+    let (_, client, session) = open_session(&env).await;
+    let c = complete(&client, &session, "tamper with my answer", 8, 4).await;
     let path = file_with_hash(&env.blob_dir(), &c.result_hash.to_string())
         .expect("the result blob is stored");
     let mut bytes = std::fs::read(&path).unwrap();
@@ -242,9 +248,7 @@ async fn a_tampered_result_is_an_integrity_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_wallet_is_not_the_owner() {
     let env = Env::start().await;
-    let owner = PrivateKeySigner::random();
-    let client = env.client(&owner);
-    let session = client.open_session(SessionOptions::new()).await.unwrap();
+    let (_owner, _client, session) = open_session(&env).await;
 
     let stranger = env.client(&PrivateKeySigner::random());
     let err = stranger.resume_session(session.id()).await.unwrap_err();
@@ -268,10 +272,7 @@ async fn prompts_go_through_presigned_urls_when_the_store_signs_them() {
     let client = env.client(&wallet);
     assert!(client.config().await.unwrap().presigned_urls);
     let session = client.open_session(SessionOptions::new()).await.unwrap();
-    let c = client
-        .complete(&session, &request("straight to the bucket", 5, 8))
-        .await
-        .unwrap();
+    let c = complete(&client, &session, "straight to the bucket", 5, 8).await;
     assert_eq!(
         c.text.as_str(),
         expected(&env.engine, "straight to the bucket", 5, 8)
@@ -281,16 +282,13 @@ async fn prompts_go_through_presigned_urls_when_the_store_signs_them() {
     assert!(!actions.iter().any(|a| a == "prompt.upload"), "{actions:?}");
 
     // Turned off in the builder: through the router.
-    let direct = veil_sdk::Client::builder(&env.url)
+    let direct = Client::builder(&env.url)
         .signer(wallet.clone())
         .presigned_uploads(false)
         .build()
         .unwrap();
     let s = direct.resume_session(session.id()).await.unwrap();
-    let d = direct
-        .complete(&s, &request("through the router", 5, 8))
-        .await
-        .unwrap();
+    let d = complete(&direct, &s, "through the router", 5, 8).await;
     assert_eq!(
         d.text.as_str(),
         expected(&env.engine, "through the router", 5, 8)
@@ -363,6 +361,15 @@ fn http(status: &str, headers: &[&str], body: &str) -> String {
     s
 }
 
+/// A client of a scripted server: `retries` retries, 10 ms apart at first.
+fn scripted_client(url: &str, wallet: PrivateKeySigner, retries: usize) -> Client {
+    Client::builder(url)
+        .signer(wallet)
+        .retries(retries, Duration::from_millis(10))
+        .build()
+        .unwrap()
+}
+
 fn config_json() -> String {
     json!({
         "protocol_version": 1,
@@ -385,11 +392,7 @@ async fn transient_failures_are_retried_and_retry_after_is_honoured() {
         http("200 OK", &[], &config_json()),
     ])
     .await;
-    let client = veil_sdk::Client::builder(&url)
-        .signer(PrivateKeySigner::random())
-        .retries(3, Duration::from_millis(10))
-        .build()
-        .unwrap();
+    let client = scripted_client(&url, PrivateKeySigner::random(), 3);
     let started = Instant::now();
     let cfg = client.config().await.unwrap();
     assert_eq!(cfg.active_key_version, 1);
@@ -408,11 +411,7 @@ async fn transient_failures_are_retried_and_retry_after_is_honoured() {
         http("429 Too Many Requests", &["retry-after: 1"], busy),
     ])
     .await;
-    let client = veil_sdk::Client::builder(&url)
-        .signer(PrivateKeySigner::random())
-        .retries(1, Duration::from_millis(10))
-        .build()
-        .unwrap();
+    let client = scripted_client(&url, PrivateKeySigner::random(), 1);
     let err = client.config().await.unwrap_err();
     assert!(
         matches!(err, Error::RateLimited { retry_after: Some(d) } if d == Duration::from_secs(1)),
@@ -426,11 +425,7 @@ async fn transient_failures_are_retried_and_retry_after_is_honoured() {
         r#"{"error":{"code":"invalid_request","message":"no","type":"invalid_request_error","param":"x"}}"#,
     )])
     .await;
-    let client = veil_sdk::Client::builder(&url)
-        .signer(PrivateKeySigner::random())
-        .retries(3, Duration::from_millis(10))
-        .build()
-        .unwrap();
+    let client = scripted_client(&url, PrivateKeySigner::random(), 3);
     let err = client.config().await.unwrap_err();
     assert!(matches!(err, Error::Api { status: 400, .. }), "{err}");
     assert_eq!(seen.lock().unwrap().len(), 1);
@@ -445,11 +440,7 @@ async fn a_signed_request_is_re_signed_with_a_fresh_nonce_after_a_5xx() {
         http("503 Service Unavailable", &[], "{}"),
     ])
     .await;
-    let client = veil_sdk::Client::builder(&url)
-        .signer(wallet)
-        .retries(1, Duration::from_millis(10))
-        .build()
-        .unwrap();
+    let client = scripted_client(&url, wallet, 1);
     let err = client
         .open_session(SessionOptions::new())
         .await

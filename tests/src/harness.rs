@@ -1,6 +1,5 @@
 //! In-process routers and miners for end-to-end tests.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use alloy_signer_local::PrivateKeySigner;
@@ -8,6 +7,10 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use veil_router::AppState;
 use veil_router::config::{Config, Settings};
+
+/// Every regular file under a directory, and whether some bytes hold a needle (the canary
+/// checks); they live in `veil-testkit`, shared with the crates' own tests.
+pub use veil_testkit::{contains, files_containing, files_under};
 
 /// A router serving on a loopback port in this process.
 #[derive(Debug)]
@@ -207,31 +210,6 @@ pub fn wallet() -> (PrivateKeySigner, String) {
     (w, a)
 }
 
-/// Every regular file under `dir`, recursively.
-pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// Whether `needle` occurs in `hay`.
-pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 /// Every log line of this test process at debug level, captured for canary checks: the first
 /// call installs the capturing subscriber, later calls return the same buffer.
 pub fn logs() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
@@ -264,4 +242,30 @@ impl std::io::Write for Capture {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// What `engine` answers to one user message `content` with these parameters (the instant
+/// engine is deterministic), as a test expects it back.
+pub fn expected_chat(
+    engine: &veil_miner::InstantEngine,
+    content: &str,
+    max_tokens: u32,
+    seed: u64,
+    stream: bool,
+) -> String {
+    let prompt = veil_api::miner::PromptPayload {
+        messages: vec![veil_api::miner::ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        prompt: None,
+        stop: vec![],
+    };
+    let params = veil_api::miner::TaskParams {
+        max_tokens: Some(max_tokens),
+        seed: Some(seed),
+        stream,
+        ..Default::default()
+    };
+    engine.expected_text(&prompt, &params).to_string()
 }

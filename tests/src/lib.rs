@@ -3,5 +3,6 @@
 
 pub mod chain;
 pub mod harness;
+pub mod miner_command;
 pub mod proxy;
 pub mod vectors;

@@ -5,30 +5,17 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use veil_api::miner::{ChatMessage, PromptPayload, TaskParams};
 use veil_miner::InstantEngine;
-use veil_tests::harness::{TestRouter, contains, files_under, http, logs, miner};
+use veil_tests::harness::{
+    TestRouter, contains, expected_chat, files_containing, files_under, http, logs, miner,
+};
+
+fn expected_e2e(engine: &InstantEngine, content: &str, max_tokens: u32, stream: bool) -> String {
+    expected_chat(engine, content, max_tokens, 7, stream)
+}
 
 fn chat(content: &str, max_tokens: u32) -> Value {
     json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "seed": 7})
-}
-
-fn expected(engine: &InstantEngine, content: &str, max_tokens: u32, stream: bool) -> String {
-    let payload = PromptPayload {
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-        }],
-        prompt: None,
-        stop: vec![],
-    };
-    let params = TaskParams {
-        max_tokens: Some(max_tokens),
-        seed: Some(7),
-        stream,
-        ..Default::default()
-    };
-    engine.expected_text(&payload, &params).to_string()
 }
 
 /// Reads an SSE response into its `data:` payloads.
@@ -55,7 +42,7 @@ async fn v2_completion_plain_and_streamed() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(
         v["choices"][0]["message"]["content"],
-        expected(&engine, "hello there", 12, false)
+        expected_e2e(&engine, "hello there", 12, false)
     );
     assert_eq!(v["usage"]["completion_tokens"], 12);
     assert_eq!(v["usage"]["prompt_tokens"], 2);
@@ -109,7 +96,7 @@ async fn v2_completion_plain_and_streamed() {
             usage = Some(v["usage"].clone());
         }
     }
-    assert_eq!(text, expected(&engine, "hello there", 12, true));
+    assert_eq!(text, expected_e2e(&engine, "hello there", 12, true));
     assert!(
         content_chunks >= 3,
         "tokens arrive incrementally, got {content_chunks} chunks"
@@ -388,17 +375,11 @@ async fn canary_prompt_leaves_no_trace_at_rest_or_in_logs() {
         files.iter().any(|p| p.to_string_lossy().ends_with(".db")),
         "the database is there"
     );
-    for f in &files {
-        // SQLite removes its -shm/-wal files when the last connection closes.
-        let Ok(bytes) = std::fs::read(f) else {
-            continue;
-        };
-        assert!(
-            !contains(&bytes, canary.as_bytes()),
-            "canary found in {}",
-            f.display()
-        );
-    }
+    assert_eq!(
+        files_containing(dir.path(), canary.as_bytes()),
+        Vec::<std::path::PathBuf>::new(),
+        "canary at rest"
+    );
     let captured = logs.lock().unwrap().clone();
     assert!(
         captured.len() > 1000,
@@ -434,13 +415,13 @@ async fn official_openai_python_client_gets_a_completion_and_a_stream() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let want = expected(&engine, "hello from the openai client", 10, false);
+    let want = expected_e2e(&engine, "hello from the openai client", 10, false);
     assert_eq!(v["text"], want.as_str());
     assert_eq!(v["completion_tokens"], 10);
     assert_eq!(v["finish_reason"], "length");
     assert_eq!(
         v["stream_text"],
-        expected(&engine, "hello from the openai client", 10, true).as_str()
+        expected_e2e(&engine, "hello from the openai client", 10, true).as_str()
     );
     assert!(v["stream_chunks"].as_u64().unwrap() >= 3, "{v}");
     assert_eq!(v["stream_finish"], "length");

@@ -6,17 +6,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-use veil_api::miner::{ChatMessage, PromptPayload, TaskParams};
-use veil_miner::config::Cli;
-use veil_miner::{InstantEngine, RunSummary};
-use veil_tests::harness::TestRouter;
-
-/// The first anvil account's well-known private key (a public dev key, never a real wallet).
-const DEV_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
-const DEV_ADDRESS: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
+use veil_miner::InstantEngine;
+use veil_tests::harness::{TestRouter, expected_chat};
+use veil_tests::miner_command::{self, DEV_ADDRESS};
 
 fn model_file(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("tiny.gguf");
@@ -30,64 +23,8 @@ fn file_hash(path: &Path) -> String {
         .to_string()
 }
 
-/// Starts `veil-miner` (serve) in-process; returns its stop switch and its outcome.
-fn start_miner(
-    router_url: &str,
-    data_dir: &Path,
-    model: &Path,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<veil_miner::Result<Option<RunSummary>>>,
-) {
-    let cli = Cli::try_parse_from([
-        "veil-miner",
-        "--router-url",
-        router_url,
-        "--dev-key-env",
-        "TEST_MINER_KEY",
-        "--engine",
-        "instant",
-        "--model",
-        &format!("tiny={}", model.display()),
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--concurrency",
-        "2",
-        "--lease-wait-ms",
-        "1000",
-        "--shutdown-grace-ms",
-        "5000",
-    ])
-    .expect("valid command line");
-    let env = |name: &str| (name == "TEST_MINER_KEY").then(|| DEV_KEY.to_string());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let join = tokio::spawn(veil_miner::cli::run(cli, env, async move {
-        let _ = stopped.await;
-    }));
-    (stop, join)
-}
-
 fn chat(content: &str) -> Value {
     json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "seed": 3})
-}
-
-fn expected(content: &str) -> String {
-    let prompt = PromptPayload {
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-        }],
-        prompt: None,
-        stop: vec![],
-    };
-    let params = TaskParams {
-        max_tokens: Some(8),
-        seed: Some(3),
-        ..Default::default()
-    };
-    InstantEngine::new(["tiny"])
-        .expected_text(&prompt, &params)
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -100,14 +37,17 @@ async fn miner_command_serves_completions_with_a_pinned_model_hash() {
     let router = TestRouter::start(settings).await;
     let key = router.admin().to_string();
     let miner_dir = dir.path().join("miner");
-    let (stop, join) = start_miner(&router.url, &miner_dir, &model);
+    let (stop, join) = miner_command::start(&router.url, &miner_dir, &model);
 
     for prompt in ["hello miner", "second prompt here"] {
         let (s, v) = router
             .post(&key, "/api/v2/completions", &chat(prompt))
             .await;
         assert_eq!(s, 200, "{v}");
-        assert_eq!(v["choices"][0]["message"]["content"], expected(prompt));
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            expected_chat(&InstantEngine::new(["tiny"]), prompt, 8, 3, false)
+        );
         assert_eq!(v["veil"]["miner"], DEV_ADDRESS);
     }
 
@@ -153,7 +93,7 @@ async fn router_refuses_leases_when_the_model_hash_differs_from_the_pin() {
     let mut settings = TestRouter::settings(&dir.path().join("router"));
     settings.pinned_models = Some(vec![format!("tiny={pinned}")]);
     let router = TestRouter::start(settings).await;
-    let (_stop, join) = start_miner(&router.url, &dir.path().join("miner"), &model);
+    let (_stop, join) = miner_command::start(&router.url, &dir.path().join("miner"), &model);
 
     let err = tokio::time::timeout(Duration::from_secs(30), join)
         .await

@@ -3,79 +3,16 @@
 //! front of it. A canary prompt never appears in clear in those bytes, in the router's data
 //! directory (database, blobs, keyring), in the miner's directory, or in any log line.
 
-use std::path::Path;
 use std::time::Duration;
 
-use clap::Parser;
 use futures::StreamExt;
-use tokio::sync::oneshot;
-use veil_api::miner::{ChatMessage, PromptPayload, TaskParams};
 use veil_miner::InstantEngine;
-use veil_miner::config::Cli;
 use veil_sdk::{Client, CompletionRequest, SessionOptions};
-use veil_tests::harness::{TestRouter, contains, files_under, logs};
+use veil_tests::harness::{
+    TestRouter, contains, expected_chat, files_containing, files_under, logs,
+};
+use veil_tests::miner_command::{self, DEV_ADDRESS};
 use veil_tests::proxy::RecordingProxy;
-
-/// The first anvil account's well-known private key (a public dev key, never a real wallet).
-const DEV_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
-const DEV_ADDRESS: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
-
-/// Starts `veil-miner` (its command entry point, in-process) against `router_url`.
-fn start_miner(
-    router_url: &str,
-    data_dir: &Path,
-    model: &Path,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<veil_miner::Result<Option<veil_miner::RunSummary>>>,
-) {
-    let cli = Cli::try_parse_from([
-        "veil-miner",
-        "--router-url",
-        router_url,
-        "--dev-key-env",
-        "TEST_MINER_KEY",
-        "--engine",
-        "instant",
-        "--model",
-        &format!("tiny={}", model.display()),
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--concurrency",
-        "2",
-        "--lease-wait-ms",
-        "1000",
-        "--shutdown-grace-ms",
-        "5000",
-    ])
-    .expect("valid command line");
-    let env = |name: &str| (name == "TEST_MINER_KEY").then(|| DEV_KEY.to_string());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let join = tokio::spawn(veil_miner::cli::run(cli, env, async move {
-        let _ = stopped.await;
-    }));
-    (stop, join)
-}
-
-fn expected(content: &str, stream: bool) -> String {
-    let prompt = PromptPayload {
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-        }],
-        prompt: None,
-        stop: vec![],
-    };
-    let params = TaskParams {
-        max_tokens: Some(8),
-        seed: Some(11),
-        stream,
-        ..Default::default()
-    };
-    InstantEngine::new(["tiny"])
-        .expected_text(&prompt, &params)
-        .to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn v3_completion_and_stream_with_the_miner_command_leave_no_plaintext() {
@@ -88,7 +25,7 @@ async fn v3_completion_and_stream_with_the_miner_command_leave_no_plaintext() {
     let model = dir.path().join("tiny.gguf");
     std::fs::write(&model, b"GGUF tiny model bytes for the v3 test").unwrap();
     let miner_dir = dir.path().join("miner");
-    let (stop, join) = start_miner(&proxy.url, &miner_dir, &model);
+    let (stop, join) = miner_command::start(&proxy.url, &miner_dir, &model);
 
     let canary = format!("CANARY-{}-v3-never-in-clear", uuid::Uuid::new_v4().simple());
     let wallet = alloy_signer_local::PrivateKeySigner::random();
@@ -112,7 +49,10 @@ async fn v3_completion_and_stream_with_the_miner_command_leave_no_plaintext() {
         .max_tokens(8)
         .seed(11);
     let done = client.complete(&session, &request).await.unwrap();
-    assert_eq!(*done.text, expected(&content, false));
+    assert_eq!(
+        *done.text,
+        expected_chat(&InstantEngine::new(["tiny"]), &content, 8, 11, false)
+    );
     assert_eq!(done.miner.to_checksum(None), DEV_ADDRESS);
     assert_eq!(done.usage.completion_tokens, 8);
     assert_eq!(done.finish_reason, "length");
@@ -126,7 +66,10 @@ async fn v3_completion_and_stream_with_the_miner_command_leave_no_plaintext() {
         deltas.push(d.unwrap());
     }
     assert!(!deltas.is_empty());
-    assert_eq!(deltas.concat(), expected(&content, true));
+    assert_eq!(
+        deltas.concat(),
+        expected_chat(&InstantEngine::new(["tiny"]), &content, 8, 11, true)
+    );
     let summary = stream.summary().expect("the stream verified");
     assert_eq!(summary.miner.to_checksum(None), DEV_ADDRESS);
 
@@ -164,21 +107,16 @@ async fn v3_completion_and_stream_with_the_miner_command_leave_no_plaintext() {
         "canary in a request the router received"
     );
     for dir in [&router_dir, &miner_dir] {
-        let files = files_under(dir);
-        assert!(!files.is_empty(), "{} holds files", dir.display());
-        for f in files {
-            // Retention may delete a blob between the listing and the read.
-            let bytes = match std::fs::read(&f) {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => panic!("reading {}: {e}", f.display()),
-            };
-            assert!(
-                !contains(&bytes, canary.as_bytes()),
-                "canary found in {}",
-                f.display()
-            );
-        }
+        assert!(
+            !files_under(dir).is_empty(),
+            "{} holds files",
+            dir.display()
+        );
+        assert_eq!(
+            files_containing(dir, canary.as_bytes()),
+            Vec::<std::path::PathBuf>::new(),
+            "canary at rest"
+        );
     }
     let captured = logs.lock().unwrap().clone();
     assert!(

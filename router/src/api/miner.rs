@@ -718,7 +718,16 @@ async fn result(
     if let Some(tx) = &relay {
         let _ = tx.send(RelayMsg::Start { lease_id });
     }
-    let outcome = upload(&state, &task, body, relay.as_ref()).await;
+    let outcome = store_sealed(
+        &state,
+        body,
+        "storing the result",
+        |h| check_result_header(h, &task),
+        relay.as_ref(),
+        |_| Ok(()),
+        |e| blob_error("storing the result", e),
+    )
+    .await;
     match outcome {
         Ok(receipt) => {
             if let Some(tx) = &relay {
@@ -749,11 +758,20 @@ async fn result(
     }
 }
 
-async fn upload(
+/// Streams an uploaded sealed blob into the blob store, in bounded memory, and answers its
+/// receipt. The body may hold at most `max_blob_bytes` (413 `blob_too_large`); its envelope
+/// header goes to `check_header` as soon as its 108 bytes have arrived; every piece goes on to
+/// `relay` when there is one; the SHA-256 of the whole body goes to `check_hash` before the blob
+/// is kept. Blob-store failures are answered by `store_error`, and `context` names the step in
+/// internal errors. On any refusal the upload is aborted, so nothing is stored.
+pub(super) async fn store_sealed(
     state: &AppState,
-    task: &crate::store::Task,
     body: Body,
+    context: &str,
+    mut check_header: impl FnMut(&Header) -> ApiResult<()>,
     relay: Option<&tokio::sync::broadcast::Sender<RelayMsg>>,
+    check_hash: impl FnOnce(&[u8; 32]) -> ApiResult<()>,
+    store_error: impl Fn(veil_blobstore::Error) -> ApiError,
 ) -> ApiResult<BlobReceipt> {
     let mut stream = body.into_data_stream();
     let mut writer = state.blobs.writer();
@@ -786,7 +804,7 @@ async fn upload(
                             format!("not a v1 envelope header: {}", e.code()),
                         )
                     })?;
-                    check_result_header(&h, task)?;
+                    check_header(&h)?;
                     header_checked = true;
                 }
             }
@@ -794,10 +812,7 @@ async fn upload(
             if let Some(tx) = relay {
                 let _ = tx.send(RelayMsg::Bytes(chunk.clone()));
             }
-            writer
-                .write_bytes(chunk)
-                .await
-                .map_err(|e| blob_error("storing the result", e))?;
+            writer.write_bytes(chunk).await.map_err(&store_error)?;
         }
         if !header_checked {
             return Err(ApiError::invalid(
@@ -808,18 +823,16 @@ async fn upload(
         Ok(())
     }
     .await;
-    if let Err(e) = res {
+    let ours: [u8; 32] = hasher.finalize().into();
+    if let Err(e) = res.and_then(|()| check_hash(&ours)) {
         let _ = writer.abort().await;
         return Err(e);
     }
-    let r = writer
-        .finish()
-        .await
-        .map_err(|e| blob_error("storing the result", e))?;
-    let ours: [u8; 32] = hasher.finalize().into();
-    if ours != r.sha256 {
+    let r = writer.finish().await.map_err(&store_error)?;
+    if r.sha256 != ours {
+        let _ = state.blobs.delete(&r.urn).await;
         return Err(ApiError::internal(
-            "storing the result",
+            context,
             "hash of the stored bytes differs from the received bytes",
         ));
     }
@@ -828,6 +841,24 @@ async fn upload(
         sha256: Hex32(r.sha256),
         size: r.size,
     })
+}
+
+/// The first [`HEADER_LEN`](veil_keys::HEADER_LEN) bytes of a stored blob (all of it when it
+/// is shorter), read to the end through its hash check, in bounded memory. Failures are
+/// answered by `error`.
+pub(super) async fn read_head(
+    mut stream: veil_blobstore::BlobStream,
+    error: impl Fn(veil_blobstore::Error) -> ApiError,
+) -> ApiResult<Vec<u8>> {
+    let mut head = Vec::with_capacity(veil_keys::HEADER_LEN);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(&error)?;
+        if head.len() < veil_keys::HEADER_LEN {
+            let need = veil_keys::HEADER_LEN - head.len();
+            head.extend_from_slice(&chunk[..need.min(chunk.len())]);
+        }
+    }
+    Ok(head)
 }
 
 /// Submit the signed `TaskResult`. The first valid result wins; a duplicate is answered
@@ -898,24 +929,15 @@ async fn complete(
         ));
     }
     // Read the blob back through the hash check, and check its header, in bounded memory.
-    let mut stream = state
+    let check_error =
+        |e| blob_error("checking the result blob", e).param("result.message.resultHash");
+    let stream = state
         .blobs
         .get_stream(&urn, &msg.result_hash.0)
         .await
-        .map_err(|e| {
-            blob_error("checking the result blob", e).param("result.message.resultHash")
-        })?;
+        .map_err(check_error)?;
     let size = stream.size();
-    let mut head = Vec::with_capacity(veil_keys::HEADER_LEN);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            blob_error("checking the result blob", e).param("result.message.resultHash")
-        })?;
-        if head.len() < veil_keys::HEADER_LEN {
-            let need = veil_keys::HEADER_LEN - head.len();
-            head.extend_from_slice(&chunk[..need.min(chunk.len())]);
-        }
-    }
+    let head = read_head(stream, check_error).await?;
     let h = Header::parse(&head).map_err(|e| {
         ApiError::invalid(
             "result.message.resultUrn",

@@ -313,27 +313,12 @@ fn validate(mut r: CompletionRequest) -> ApiResult<Validated> {
         ));
     }
     let max_tokens = r.max_completion_tokens.or(r.max_tokens).unwrap_or(256);
-    if !(1..=32768).contains(&max_tokens) {
-        let field = if r.max_completion_tokens.is_some() {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
-        return Err(ApiError::invalid(field, "must be between 1 and 32768"));
-    }
-    if let Some(t) = r.temperature
-        && (!(0.0..=2.0).contains(&t) || t.is_nan())
-    {
-        return Err(ApiError::invalid(
-            "temperature",
-            "temperature must be between 0 and 2",
-        ));
-    }
-    if let Some(p) = r.top_p
-        && !(p > 0.0 && p <= 1.0)
-    {
-        return Err(ApiError::invalid("top_p", "top_p must be in (0, 1]"));
-    }
+    let max_field = if r.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    check_sampling("", (max_tokens, max_field), r.temperature, r.top_p)?;
     let session_id = r
         .session_id
         .as_deref()
@@ -413,7 +398,41 @@ async fn resolve_session(
     Ok(s)
 }
 
-fn default_privacy(state: &AppState) -> PrivacySetting {
+/// Checks the sampling parameters shared by `/api/v2` and `/api/v3`: `max_tokens` (with the
+/// name of the field it came from) in 1..=32768, `temperature` in [0, 2], `top_p` in (0, 1].
+/// Error fields are named with `prefix` in front (`params.` on v3).
+pub(super) fn check_sampling(
+    prefix: &str,
+    (max_tokens, max_field): (u32, &str),
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+) -> ApiResult<()> {
+    if !(1..=32768).contains(&max_tokens) {
+        return Err(ApiError::invalid(
+            &format!("{prefix}{max_field}"),
+            "must be between 1 and 32768",
+        ));
+    }
+    if let Some(t) = temperature
+        && (!(0.0..=2.0).contains(&t) || t.is_nan())
+    {
+        return Err(ApiError::invalid(
+            &format!("{prefix}temperature"),
+            "temperature must be between 0 and 2",
+        ));
+    }
+    if let Some(p) = top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(ApiError::invalid(
+            &format!("{prefix}top_p"),
+            "top_p must be in (0, 1]",
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn default_privacy(state: &AppState) -> PrivacySetting {
     if state.cfg.static_allowed_miners.is_empty() {
         PrivacySetting {
             private: false,
@@ -484,7 +503,7 @@ async fn owned_session(
     }
 }
 
-fn parse_miners(field: &str, list: &[String]) -> ApiResult<Vec<String>> {
+pub(super) fn parse_miners(field: &str, list: &[String]) -> ApiResult<Vec<String>> {
     if list.len() > 1000 {
         return Err(ApiError::invalid(field, "at most 1000 miners"));
     }
@@ -1031,7 +1050,7 @@ async fn complete_request(
 
 /// The router's task deadline, brought forward to the session's prompt TTL so that a task
 /// never waits past the deletion of its prompt.
-fn task_deadline(state: &AppState, session: &Session, now: i64) -> i64 {
+pub(super) fn task_deadline(state: &AppState, session: &Session, now: i64) -> i64 {
     let d = now + state.cfg.task_deadline_ms as i64;
     match session.retention.prompt_ttl_ms() {
         Some(ttl) => d.min(now.saturating_add(ttl)),
@@ -1041,7 +1060,7 @@ fn task_deadline(state: &AppState, session: &Session, now: i64) -> i64 {
 
 /// Records that a task's result reached its caller; the retention sweeper runs at once when
 /// the session's policy deletes something on delivery.
-async fn delivered(state: &AppState, task: &Task) {
+pub(super) async fn delivered(state: &AppState, task: &Task) {
     match state.store.mark_delivered(task.id, now_ms()).await {
         Ok(true) => state.retention_wake.notify_one(),
         Ok(false) => {}
@@ -1060,7 +1079,7 @@ fn timeout_error(task_id: Uuid) -> ApiError {
 }
 
 /// Waits until the task is final (on any replica), or `timeout`.
-async fn wait_final(
+pub(super) async fn wait_final(
     state: &AppState,
     task_id: Uuid,
     mut events: tokio::sync::broadcast::Receiver<StoreEvent>,
@@ -1154,7 +1173,7 @@ async fn open_result(
     Ok(zeroize::Zeroizing::new(text))
 }
 
-fn result_deleted(t: &Task) -> ApiError {
+pub(super) fn result_deleted(t: &Task) -> ApiError {
     ApiError::new(
         StatusCode::GONE,
         "result_deleted",

@@ -40,7 +40,7 @@ use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 use veil_api::eip712::{
-    KIND_DEDICATED, KIND_POOLED, KeyRequest, Sig65, Signed, TaskResult, VerifyError,
+    KIND_DEDICATED, KIND_POOLED, KeyRequest, Message, Sig65, Signed, TaskResult,
 };
 use veil_api::miner::{BlobReceipt, TaskParams, Usage};
 use veil_api::v3::{
@@ -50,10 +50,13 @@ use veil_api::v3::{
 };
 use veil_api::wire::{Hex32, unix_now};
 use veil_blobstore::{PresignMethod, Urn};
-use veil_keys::{HEADER_LEN, Header, Purpose, Scope, X25519Public};
+use veil_keys::{Header, Purpose, Scope, X25519Public};
 
 use super::admin::parse_uuid;
-use super::miner::blob_error;
+use super::miner::{blob_error, read_head, store_sealed};
+use super::v2::{
+    check_sampling, default_privacy, delivered, parse_miners, result_deleted, task_deadline,
+};
 use crate::auth::new_secret;
 use crate::error::{ApiError, ApiResult, Json};
 use crate::limits::Permit;
@@ -192,22 +195,47 @@ async fn issue_token(state: &AppState, session: &Session) -> ApiResult<ReadToken
     })
 }
 
-/// A verification failure of a signed message nested under `prefix` (`open.`, `task.`).
-fn verify_error(e: VerifyError, prefix: &str) -> ApiError {
-    let mut e = ApiError::from(e);
-    if let Some(p) = e.param.take() {
-        e.param = Some(format!("{prefix}{p}"));
-    }
-    e
+/// The checksummed signer of a signed message, admitted by its limits. A verification failure
+/// names its field under `prefix`, where the message is nested (`open.`, `task.`, or none).
+fn signed_by<M: Message>(
+    state: &AppState,
+    signed: &Signed<M>,
+    prefix: &str,
+) -> ApiResult<(String, Permit)> {
+    let signer = signed
+        .verify(&state.cfg.domain, unix_now())
+        .map_err(|e| {
+            let mut e = ApiError::from(e);
+            if let Some(p) = e.param.take() {
+                e.param = Some(format!("{prefix}{p}"));
+            }
+            e
+        })?
+        .to_checksum(None);
+    let permit = admit(state, &signer)?;
+    Ok((signer, permit))
 }
 
-/// A spent `(signer, nonce)` pair answered 409 `replayed_nonce` naming `param`.
-fn nonce_error(e: StoreError, param: &str) -> ApiError {
-    let mut e = ApiError::from(e);
-    if e.code == "replayed_nonce" {
-        e.param = Some(param.into());
-    }
-    e
+/// Spends a signed message's `(signer, nonce)` pair, kept until the message expires; a spent
+/// pair is answered 409 `replayed_nonce` naming `param`.
+async fn spend_nonce(
+    state: &AppState,
+    signer: &str,
+    nonce: &[u8; 16],
+    expires_at: u64,
+    param: &str,
+) -> ApiResult<()> {
+    state
+        .store
+        .use_nonce(signer, nonce, (expires_at as i64) * 1000)
+        .await
+        .map_err(|e| {
+            let mut e = ApiError::from(e);
+            if e.code == "replayed_nonce" {
+                e.param = Some(param.into());
+            }
+            e
+        })
 }
 
 async fn audit(state: &AppState, e: NewAuditEntry) -> ApiResult<()> {
@@ -241,8 +269,37 @@ async fn reader_task(state: &AppState, reader: &Reader, id: Uuid) -> ApiResult<T
     }
 }
 
+/// The session a signed message names, as stored; 404 naming `param` when there is none.
+async fn named_session(state: &AppState, id: Uuid, param: &str) -> ApiResult<Session> {
+    match state.store.get_session(id).await {
+        Err(StoreError::NotFound { .. }) => Err(not_found("session", param)),
+        other => Ok(other?),
+    }
+}
+
 fn session_closed(param: &str) -> ApiError {
     ApiError::conflict("session_closed", "the session is closed or expired").param(param)
+}
+
+/// 409 `session_closed`, naming `param`, unless the session is open.
+fn check_open(session: &Session, param: &str) -> ApiResult<()> {
+    if session.is_open(now_ms()) {
+        Ok(())
+    } else {
+        Err(session_closed(param))
+    }
+}
+
+/// The token's session and the task id of a `…/sessions/{session_id}/tasks/{task_id}/…` path.
+async fn session_task_path(
+    state: &AppState,
+    reader: &Reader,
+    (session_id, task_id): &(String, String),
+) -> ApiResult<(Session, Uuid)> {
+    let session_id = parse_uuid("session_id", session_id)?;
+    let task_id = parse_uuid("task_id", task_id)?;
+    let session = reader_session(state, reader, session_id).await?;
+    Ok((session, task_id))
 }
 
 /// 409 `task_exists` when a task with this id exists (in any session).
@@ -374,41 +431,6 @@ async fn config(State(state): State<AppState>) -> Json<V3Config> {
     })
 }
 
-/// The router's default privacy for a session that names no miners (as `/api/v2`): private
-/// with the static allowlist when one is configured, else public.
-fn default_privacy(state: &AppState) -> PrivacySetting {
-    if state.cfg.static_allowed_miners.is_empty() {
-        PrivacySetting {
-            private: false,
-            allowed_miners: Vec::new(),
-            source: AllowlistSource::Router,
-        }
-    } else {
-        PrivacySetting {
-            private: true,
-            allowed_miners: state.cfg.static_allowed_miners.clone(),
-            source: AllowlistSource::Static,
-        }
-    }
-}
-
-/// Miner addresses, checksummed and deduplicated; the error names `field[i]`.
-fn parse_miners(field: &str, list: &[String]) -> ApiResult<Vec<String>> {
-    if list.len() > 1000 {
-        return Err(ApiError::invalid(field, "at most 1000 miners"));
-    }
-    let mut out = Vec::with_capacity(list.len());
-    for (i, m) in list.iter().enumerate() {
-        let a = veil_api::wire::parse_address(m)
-            .map_err(|e| ApiError::invalid(&format!("{field}[{i}]"), e))?;
-        let c = a.to_checksum(None);
-        if !out.contains(&c) {
-            out.push(c);
-        }
-    }
-    Ok(out)
-}
-
 /// Open a session with a signed `OpenSession`; its signer becomes the owner. The answer holds
 /// a read token for the session.
 #[utoipa::path(post, path = "/api/v3/sessions", tag = "v3", request_body = OpenSessionRequest,
@@ -421,12 +443,7 @@ async fn open_session(
     State(state): State<AppState>,
     Json(req): Json<OpenSessionRequest>,
 ) -> ApiResult<(StatusCode, Json<OpenSessionResponse>)> {
-    let signer = req
-        .open
-        .verify(&state.cfg.domain, unix_now())
-        .map_err(|e| verify_error(e, "open."))?
-        .to_checksum(None);
-    let _permit = admit(&state, &signer)?;
+    let (signer, _permit) = signed_by(&state, &req.open, "open.")?;
     let msg = &req.open.message;
     let kind = match msg.kind {
         KIND_DEDICATED => SessionKind::Dedicated,
@@ -461,11 +478,14 @@ async fn open_session(
             source: AllowlistSource::Router,
         }
     };
-    state
-        .store
-        .use_nonce(&signer, &msg.nonce.0, (msg.expires_at as i64) * 1000)
-        .await
-        .map_err(|e| nonce_error(e, "open.message.nonce"))?;
+    spend_nonce(
+        &state,
+        &signer,
+        &msg.nonce.0,
+        msg.expires_at,
+        "open.message.nonce",
+    )
+    .await?;
     let exists = || {
         ApiError::conflict("session_exists", "a session with this id already exists")
             .param("open.message.sessionId")
@@ -653,8 +673,7 @@ async fn keys(
     State(state): State<AppState>,
     Json(req): Json<Signed<KeyRequest>>,
 ) -> ApiResult<Json<KeyResponse>> {
-    let signer = req.verify(&state.cfg.domain, unix_now())?.to_checksum(None);
-    let _permit = admit(&state, &signer)?;
+    let (signer, _permit) = signed_by(&state, &req, "")?;
     let msg = &req.message;
     let scope = match msg.scope {
         1 => Scope::Session,
@@ -681,16 +700,9 @@ async fn keys(
         }
         _ => {}
     }
-    let session = match state.store.get_session(msg.session_id).await {
-        Ok(s) => crate::acl::reconcile(&state, s).await?,
-        Err(StoreError::NotFound { .. }) => {
-            return Err(not_found("session", "message.sessionId"));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if !session.is_open(now_ms()) {
-        return Err(session_closed("message.sessionId"));
-    }
+    let session = named_session(&state, msg.session_id, "message.sessionId").await?;
+    let session = crate::acl::reconcile(&state, session).await?;
+    check_open(&session, "message.sessionId")?;
     check_key_version(&state, msg.key_version)?;
     let is_owner = signer == session.owner;
     let recipient = X25519Public::from_bytes(msg.recipient.0);
@@ -771,11 +783,14 @@ async fn keys(
             true
         }
     };
-    state
-        .store
-        .use_nonce(&signer, &msg.nonce.0, (msg.expires_at as i64) * 1000)
-        .await
-        .map_err(|e| nonce_error(e, "message.nonce"))?;
+    spend_nonce(
+        &state,
+        &signer,
+        &msg.nonce.0,
+        msg.expires_at,
+        "message.nonce",
+    )
+    .await?;
     // The only place a key exists in this module: derived, wrapped and zeroized inside.
     let wrapped = match scope {
         Scope::Session => state
@@ -899,96 +914,15 @@ fn hash_mismatch(param: &str) -> ApiError {
     .param(param)
 }
 
-/// Streams a sealed prompt into the blob store, checking its header as it arrives and its
-/// hash before the blob becomes visible. On any refusal the upload is aborted, so nothing is
-/// stored.
-async fn store_prompt(
-    state: &AppState,
-    session_id: Uuid,
-    task_id: Uuid,
-    active: u32,
-    expected: &[u8; 32],
-    body: Body,
-) -> ApiResult<BlobReceipt> {
-    let mut stream = body.into_data_stream();
-    let mut writer = state.blobs.writer();
-    let mut head = Vec::with_capacity(HEADER_LEN);
-    let mut header_checked = false;
-    let mut total: u64 = 0;
-    let mut hasher = Sha256::new();
-    let limit = state.cfg.max_blob_bytes;
-    let res: ApiResult<()> = async {
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                ApiError::invalid("body", format!("the upload was interrupted: {e}"))
-            })?;
-            total += chunk.len() as u64;
-            if total > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "blob_too_large",
-                    format!("sealed blobs are at most {limit} bytes"),
-                )
-                .param("body"));
-            }
-            if !header_checked {
-                let need = HEADER_LEN - head.len();
-                head.extend_from_slice(&chunk[..need.min(chunk.len())]);
-                if head.len() == HEADER_LEN {
-                    let h = Header::parse(&head).map_err(|e| {
-                        ApiError::invalid(
-                            "body.header",
-                            format!("not a v1 envelope header: {}", e.code()),
-                        )
-                    })?;
-                    check_prompt_header(&h, session_id, task_id, active, "body.header")?;
-                    header_checked = true;
-                }
-            }
-            hasher.update(&chunk);
-            writer.write_bytes(chunk).await.map_err(|e| match e {
-                veil_blobstore::Error::NotSealed { source } => {
-                    ApiError::invalid("body", format!("not a sealed blob: {}", source.code()))
-                }
-                other => blob_error("storing the prompt", other),
-            })?;
-        }
-        if !header_checked {
-            return Err(ApiError::invalid(
-                "body",
-                "the upload ended before a complete 108-byte header",
-            ));
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = res {
-        let _ = writer.abort().await;
-        return Err(e);
-    }
-    let ours: [u8; 32] = hasher.finalize().into();
-    if &ours != expected {
-        let _ = writer.abort().await;
-        return Err(hash_mismatch(PROMPT_SHA256_HEADER));
-    }
-    let r = writer.finish().await.map_err(|e| match e {
+/// A blob-store failure while a prompt is stored: a body that is not a sealed blob is the
+/// caller's fault.
+fn prompt_store_error(e: veil_blobstore::Error) -> ApiError {
+    match e {
         veil_blobstore::Error::NotSealed { source } => {
             ApiError::invalid("body", format!("not a sealed blob: {}", source.code()))
         }
         other => blob_error("storing the prompt", other),
-    })?;
-    if r.sha256 != ours {
-        let _ = state.blobs.delete(&r.urn).await;
-        return Err(ApiError::internal(
-            "storing the prompt",
-            "hash of the stored bytes differs from the received bytes",
-        ));
     }
-    Ok(BlobReceipt {
-        urn: r.urn.to_string(),
-        sha256: Hex32(r.sha256),
-        size: r.size,
-    })
 }
 
 /// Upload a client-sealed prompt (task scope, purpose prompt, this session and task, the
@@ -1006,20 +940,34 @@ async fn store_prompt(
 async fn upload_prompt(
     State(state): State<AppState>,
     reader: Reader,
-    Path((session_id, task_id)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<BlobReceipt>)> {
-    let session_id = parse_uuid("session_id", &session_id)?;
-    let task_id = parse_uuid("task_id", &task_id)?;
-    let session = reader_session(&state, &reader, session_id).await?;
+    let (session, task_id) = session_task_path(&state, &reader, &path).await?;
+    let session_id = session.id;
     let expected = expected_sha256(&headers)?;
-    if !session.is_open(now_ms()) {
-        return Err(session_closed("session_id"));
-    }
+    check_open(&session, "session_id")?;
     check_new_task_id(&state, task_id, "task_id").await?;
     let active = state.keys.active_version();
-    let receipt = store_prompt(&state, session_id, task_id, active, &expected, body).await?;
+    // The header is checked as it arrives and the hash before the blob becomes visible; on
+    // any refusal the upload is aborted, so nothing is stored.
+    let receipt = store_sealed(
+        &state,
+        body,
+        "storing the prompt",
+        |h| check_prompt_header(h, session_id, task_id, active, "body.header"),
+        None,
+        |ours| {
+            if ours == &expected {
+                Ok(())
+            } else {
+                Err(hash_mismatch(PROMPT_SHA256_HEADER))
+            }
+        },
+        prompt_store_error,
+    )
+    .await?;
     audit(
         &state,
         NewAuditEntry {
@@ -1053,6 +1001,52 @@ fn presign_unsupported() -> ApiError {
     )
 }
 
+/// 501 `presign_unsupported` unless the blob store can sign URLs.
+fn check_presign(state: &AppState) -> ApiResult<()> {
+    if state.blobs.can_presign() {
+        Ok(())
+    } else {
+        Err(presign_unsupported())
+    }
+}
+
+/// A presigned URL to `method` the blob of `urn`, for [`PRESIGN_TTL`]. Audited as
+/// `blob.presign` of `purpose` (`prompt`, `result`), by the actor and for the ids of `entry`.
+async fn presigned_url(
+    state: &AppState,
+    method: PresignMethod,
+    urn: &Urn,
+    purpose: &str,
+    entry: NewAuditEntry,
+) -> ApiResult<PresignedUrl> {
+    let url = state
+        .blobs
+        .presign(method, urn, PRESIGN_TTL)
+        .await
+        .map_err(presign_error)?;
+    let expires_at = unix_now() + PRESIGN_TTL.as_secs();
+    let method = match method {
+        PresignMethod::Put => "PUT",
+        PresignMethod::Get => "GET",
+    };
+    audit(
+        state,
+        NewAuditEntry {
+            at_ms: now_ms(),
+            action: "blob.presign".into(),
+            detail: json!({"api": "v3", "method": method, "purpose": purpose, "urn": urn.to_string(), "expires_at": expires_at}),
+            ..entry
+        },
+    )
+    .await?;
+    Ok(PresignedUrl {
+        method: method.into(),
+        url: url.to_string(),
+        urn: urn.to_string(),
+        expires_at,
+    })
+}
+
 /// A presigned `PUT` URL for a prompt blob (10 minutes), with the URN to name in
 /// `SubmitTask.promptUrn`. What arrives there is checked when the task is submitted.
 #[utoipa::path(post, path = "/api/v3/sessions/{session_id}/tasks/{task_id}/prompt/presign", tag = "v3", security(("read_token" = [])),
@@ -1064,44 +1058,21 @@ fn presign_unsupported() -> ApiError {
 async fn prompt_presign(
     State(state): State<AppState>,
     reader: Reader,
-    Path((session_id, task_id)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
 ) -> ApiResult<Json<PresignedUrl>> {
-    let session_id = parse_uuid("session_id", &session_id)?;
-    let task_id = parse_uuid("task_id", &task_id)?;
-    let session = reader_session(&state, &reader, session_id).await?;
-    if !session.is_open(now_ms()) {
-        return Err(session_closed("session_id"));
-    }
+    let (session, task_id) = session_task_path(&state, &reader, &path).await?;
+    check_open(&session, "session_id")?;
     check_new_task_id(&state, task_id, "task_id").await?;
-    if !state.blobs.can_presign() {
-        return Err(presign_unsupported());
-    }
+    check_presign(&state)?;
     let urn = state.blobs.fresh_urn().map_err(presign_error)?;
-    let url = state
-        .blobs
-        .presign(PresignMethod::Put, &urn, PRESIGN_TTL)
-        .await
-        .map_err(presign_error)?;
-    let expires_at = unix_now() + PRESIGN_TTL.as_secs();
-    audit(
-        &state,
-        NewAuditEntry {
-            at_ms: now_ms(),
-            actor: reader.owner.clone(),
-            action: "blob.presign".into(),
-            session_id: Some(session_id),
-            task_id: Some(task_id),
-            detail: json!({"api": "v3", "method": "PUT", "purpose": "prompt", "urn": urn.to_string(), "expires_at": expires_at}),
-            ..Default::default()
-        },
-    )
-    .await?;
-    Ok(Json(PresignedUrl {
-        method: "PUT".into(),
-        url: url.to_string(),
-        urn: urn.to_string(),
-        expires_at,
-    }))
+    let entry = NewAuditEntry {
+        actor: reader.owner.clone(),
+        session_id: Some(session.id),
+        task_id: Some(task_id),
+        ..Default::default()
+    };
+    let presigned = presigned_url(&state, PresignMethod::Put, &urn, "prompt", entry).await?;
+    Ok(Json(presigned))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1117,44 +1088,22 @@ fn validate_params(p: &TaskParams) -> ApiResult<TaskParams> {
         ));
     }
     let max_tokens = p.max_tokens.unwrap_or(256);
-    if !(1..=32768).contains(&max_tokens) {
-        return Err(ApiError::invalid(
-            "params.max_tokens",
-            "must be between 1 and 32768",
-        ));
-    }
-    if let Some(t) = p.temperature
-        && (!(0.0..=2.0).contains(&t) || t.is_nan())
-    {
-        return Err(ApiError::invalid(
-            "params.temperature",
-            "temperature must be between 0 and 2",
-        ));
-    }
-    if let Some(tp) = p.top_p
-        && !(tp > 0.0 && tp <= 1.0)
-    {
-        return Err(ApiError::invalid("params.top_p", "top_p must be in (0, 1]"));
-    }
+    check_sampling(
+        "params.",
+        (max_tokens, "max_tokens"),
+        p.temperature,
+        p.top_p,
+    )?;
     Ok(TaskParams {
         max_tokens: Some(max_tokens),
         ..p.clone()
     })
 }
 
-/// The router's task deadline, brought forward to the session's prompt TTL (as `/api/v2`).
-fn task_deadline(state: &AppState, session: &Session, now: i64) -> i64 {
-    let d = now + state.cfg.task_deadline_ms as i64;
-    match session.retention.prompt_ttl_ms() {
-        Some(ttl) => d.min(now.saturating_add(ttl)),
-        None => d,
-    }
-}
-
 /// Reads a stored prompt through its hash check, in bounded memory, and returns its header.
 async fn read_prompt_header(state: &AppState, urn: &Urn, hash: &[u8; 32]) -> ApiResult<Header> {
     let urn_field = "task.message.promptUrn";
-    let mut stream = match state.blobs.get_stream(urn, hash).await {
+    let stream = match state.blobs.get_stream(urn, hash).await {
         Ok(s) => s,
         Err(veil_blobstore::Error::NotFound { .. }) => {
             return Err(ApiError::new(
@@ -1175,26 +1124,16 @@ async fn read_prompt_header(state: &AppState, urn: &Urn, hash: &[u8; 32]) -> Api
         )
         .param(urn_field));
     }
-    let mut head = Vec::with_capacity(HEADER_LEN);
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(c) => {
-                if head.len() < HEADER_LEN {
-                    let need = HEADER_LEN - head.len();
-                    head.extend_from_slice(&c[..need.min(c.len())]);
-                }
-            }
-            Err(veil_blobstore::Error::HashMismatch { .. }) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "hash_mismatch",
-                    "the blob at promptUrn does not match promptHash",
-                )
-                .param("task.message.promptHash"));
-            }
-            Err(e) => return Err(blob_error("reading the prompt blob", e).param(urn_field)),
-        }
-    }
+    let head = read_head(stream, |e| match e {
+        veil_blobstore::Error::HashMismatch { .. } => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "hash_mismatch",
+            "the blob at promptUrn does not match promptHash",
+        )
+        .param("task.message.promptHash"),
+        e => blob_error("reading the prompt blob", e).param(urn_field),
+    })
+    .await?;
     Header::parse(&head).map_err(|e| {
         ApiError::invalid(
             urn_field,
@@ -1218,20 +1157,9 @@ async fn completions(
     State(state): State<AppState>,
     Json(req): Json<SubmitTaskRequest>,
 ) -> ApiResult<(StatusCode, Json<V3Task>)> {
-    let signer = req
-        .task
-        .verify(&state.cfg.domain, unix_now())
-        .map_err(|e| verify_error(e, "task."))?
-        .to_checksum(None);
-    let _permit = admit(&state, &signer)?;
+    let (signer, _permit) = signed_by(&state, &req.task, "task.")?;
     let msg = &req.task.message;
-    let session = match state.store.get_session(msg.session_id).await {
-        Ok(s) => s,
-        Err(StoreError::NotFound { .. }) => {
-            return Err(not_found("session", "task.message.sessionId"));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let session = named_session(&state, msg.session_id, "task.message.sessionId").await?;
     if session.owner != signer {
         return Err(
             ApiError::forbidden("not_owner", "only the session owner submits tasks to it")
@@ -1239,9 +1167,7 @@ async fn completions(
         );
     }
     let session = crate::acl::reconcile(&state, session).await?;
-    if !session.is_open(now_ms()) {
-        return Err(session_closed("task.message.sessionId"));
-    }
+    check_open(&session, "task.message.sessionId")?;
     crate::acl::check_new_task(&state, &session)?;
     let params = validate_params(&req.params)?;
     if msg.model.trim().is_empty()
@@ -1272,11 +1198,14 @@ async fn completions(
         active,
         "task.message.promptUrn",
     )?;
-    state
-        .store
-        .use_nonce(&signer, &msg.nonce.0, (msg.expires_at as i64) * 1000)
-        .await
-        .map_err(|e| nonce_error(e, "task.message.nonce"))?;
+    spend_nonce(
+        &state,
+        &signer,
+        &msg.nonce.0,
+        msg.expires_at,
+        "task.message.nonce",
+    )
+    .await?;
     // A streaming caller opens its stream right after this answer: subscribe before the task
     // can be leased, so that a fast miner's upload is not missed.
     let relay = params.stream.then(|| state.relay.subscribe(msg.task_id));
@@ -1340,37 +1269,6 @@ pub struct WaitQuery {
     pub wait_ms: Option<String>,
 }
 
-/// Waits until the task is final (on any replica), or `timeout`; returns it as it is then.
-async fn wait_final(
-    state: &AppState,
-    task_id: Uuid,
-    mut events: tokio::sync::broadcast::Receiver<StoreEvent>,
-    timeout: Duration,
-) -> ApiResult<Task> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let t = state.store.get_task(task_id).await?;
-        if t.state.is_final() || tokio::time::Instant::now() >= deadline {
-            return Ok(t);
-        }
-        let wake = async {
-            loop {
-                match events.recv().await {
-                    Ok(StoreEvent::TaskFinished { task_id: id }) if id == task_id => return,
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => return,
-                    Err(RecvError::Closed) => futures::future::pending::<()>().await,
-                }
-            }
-        };
-        tokio::select! {
-            _ = wake => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
-    }
-}
-
 /// A task's state; once completed, its result references and the miner's signed
 /// `TaskResult`. `wait_ms` long-polls until the task is final.
 #[utoipa::path(get, path = "/api/v3/tasks/{task_id}", tag = "v3", security(("read_token" = [])),
@@ -1400,21 +1298,12 @@ async fn task(
     let events = state.store.subscribe();
     let mut t = reader_task(&state, &reader, id).await?;
     if wait_ms > 0 && !t.state.is_final() {
-        t = wait_final(&state, id, events, Duration::from_millis(wait_ms)).await?;
+        t = match super::v2::wait_final(&state, id, events, Duration::from_millis(wait_ms)).await? {
+            Some(done) => done,
+            None => state.store.get_task(id).await?,
+        };
     }
     Ok(Json(task_view(&t)?))
-}
-
-fn result_deleted(t: &Task) -> ApiError {
-    ApiError::new(
-        StatusCode::GONE,
-        "result_deleted",
-        format!(
-            "the result of task {} was deleted by the session's retention policy",
-            t.id
-        ),
-    )
-    .param("task_id")
 }
 
 /// The completed task's stored result, or why there is none to read.
@@ -1437,16 +1326,6 @@ fn readable_result(t: &Task) -> ApiResult<(&crate::store::TaskResultRecord, Urn)
         .parse()
         .map_err(|e| ApiError::internal("parsing a result URN", e))?;
     Ok((r, urn))
-}
-
-/// Records that a task's result reached its owner; the retention sweeper runs at once when the
-/// session's policy deletes something on delivery.
-async fn delivered(state: &AppState, task: &Task) {
-    match state.store.mark_delivered(task.id, now_ms()).await {
-        Ok(true) => state.retention_wake.notify_one(),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(task_id = %task.id, error = %e, "recording a delivery failed"),
-    }
 }
 
 /// The sealed result blob, streamed through its hash check (a mismatch breaks the response
@@ -1516,36 +1395,17 @@ async fn result_presign(
     let id = parse_uuid("task_id", &id)?;
     let t = reader_task(&state, &reader, id).await?;
     let (_, urn) = readable_result(&t)?;
-    if !state.blobs.can_presign() {
-        return Err(presign_unsupported());
-    }
-    let url = state
-        .blobs
-        .presign(PresignMethod::Get, &urn, PRESIGN_TTL)
-        .await
-        .map_err(presign_error)?;
-    let expires_at = unix_now() + PRESIGN_TTL.as_secs();
-    audit(
-        &state,
-        NewAuditEntry {
-            at_ms: now_ms(),
-            actor: reader.owner.clone(),
-            action: "blob.presign".into(),
-            session_id: Some(t.session_id),
-            task_id: Some(t.id),
-            key_version: Some(t.key_version),
-            detail: json!({"api": "v3", "method": "GET", "purpose": "result", "urn": urn.to_string(), "expires_at": expires_at}),
-            ..Default::default()
-        },
-    )
-    .await?;
+    check_presign(&state)?;
+    let entry = NewAuditEntry {
+        actor: reader.owner.clone(),
+        session_id: Some(t.session_id),
+        task_id: Some(t.id),
+        key_version: Some(t.key_version),
+        ..Default::default()
+    };
+    let presigned = presigned_url(&state, PresignMethod::Get, &urn, "result", entry).await?;
     delivered(&state, &t).await;
-    Ok(Json(PresignedUrl {
-        method: "GET".into(),
-        url: url.to_string(),
-        urn: urn.to_string(),
-        expires_at,
-    }))
+    Ok(Json(presigned))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1810,6 +1670,10 @@ async fn finish_stream(
     out: &mut Tx,
 ) -> ApiResult<()> {
     let view = task_view(done)?;
+    // Opens the bytes of the attempt that stands (or tells the client to drop what it got).
+    let start = StreamEvent::Start {
+        attempt: done.attempts,
+    };
     let mut delivered_blob = false;
     if let (TaskState::Completed, Some(r)) = (done.state, &done.result) {
         if relayed.complete == Some(r.result_hash) && !relayed.open {
@@ -1824,14 +1688,7 @@ async fn finish_stream(
                 .get_stream(&urn, &r.result_hash)
                 .await
                 .map_err(|e| blob_error("reading the result", e))?;
-            if !send(
-                out,
-                &StreamEvent::Start {
-                    attempt: done.attempts,
-                },
-            )
-            .await
-            {
+            if !send(out, &start).await {
                 return Ok(());
             }
             while let Some(chunk) = blob.next().await {
@@ -1846,14 +1703,7 @@ async fn finish_stream(
         } else if relayed.started {
             // Bytes of an attempt that did not stand went out and the stored result is gone:
             // tell the client to drop them.
-            if !send(
-                out,
-                &StreamEvent::Start {
-                    attempt: done.attempts,
-                },
-            )
-            .await
-            {
+            if !send(out, &start).await {
                 return Ok(());
             }
         }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use veil_api::wire::Hex32;
 use zeroize::Zeroizing;
 
-use super::config::{CallerArgs, runtime, sdk_error};
+use super::config::{CallerArgs, sdk_error};
 use super::input::{parse_session_id, read_to_end_zeroizing};
 use super::session::{SessionKindArg, parse_address};
 use super::task::{completion_output, json_line};
@@ -101,9 +101,8 @@ pub(crate) fn execute(
     request.seed = args.seed;
     request.stop = args.stop.clone();
 
-    let client = settings.client()?;
     let json = settings.json;
-    runtime()?.block_on(async {
+    settings.block_on(async |client| {
         let (session, opened) = match args.session {
             Some(id) => (client.resume_session(id).await.map_err(sdk_error)?, false),
             None => {
@@ -116,7 +115,7 @@ pub(crate) fn execute(
             }
         };
         let result = if args.stream {
-            stream(&client, &session, &request, json, stdout).await
+            stream(client, &session, &request, json, stdout).await
         } else {
             client
                 .complete(&session, &request)

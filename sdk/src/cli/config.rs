@@ -158,6 +158,15 @@ impl Resolved {
                 other => sdk_error(other),
             })
     }
+
+    /// Builds the client and runs a command's `work` with it on a current-thread runtime.
+    pub(crate) fn block_on<T>(
+        &self,
+        work: impl AsyncFnOnce(&Client) -> Result<T, CliError>,
+    ) -> Result<T, CliError> {
+        let client = self.client()?;
+        runtime()?.block_on(work(&client))
+    }
 }
 
 /// A client error as one CLI error line: the part at fault, the stable code, and the advice.
@@ -192,26 +201,13 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError::failed("runtime", e.to_string()))
 }
 
-/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC`.
+/// Unix milliseconds as RFC 3339 UTC to the second (`2023-11-14T22:13:20Z`). Times before the
+/// epoch show as the epoch; past the year 9999 (which RFC 3339 cannot write), as its last second.
 pub(crate) fn utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    const LAST_RFC3339_SECS: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = u64::try_from(ms.div_euclid(1000)).unwrap_or(0);
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(secs.min(LAST_RFC3339_SECS));
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]
@@ -220,9 +216,13 @@ mod tests {
 
     #[test]
     fn utc_formats_known_instants() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
-        assert_eq!(utc(1_798_761_599_000), "2026-12-31 23:59:59 UTC");
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_798_761_599_000), "2026-12-31T23:59:59Z");
+        assert_eq!(utc(1_798_761_599_999), "2026-12-31T23:59:59Z");
+        assert_eq!(utc(-1), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(i64::MIN), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(i64::MAX), "9999-12-31T23:59:59Z");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::config::{CallerArgs, runtime, sdk_error, utc};
+use super::config::{CallerArgs, sdk_error, utc};
 use super::input::parse_session_id;
 use super::{CliError, EXIT_STATUS_HELP, Output};
 use crate::{SessionKind, SessionOptions, V3Session};
@@ -71,33 +71,29 @@ pub(crate) fn parse_address(text: &str) -> Result<Address, String> {
 
 pub(crate) fn execute(args: SessionArgs) -> Result<Output, CliError> {
     let settings = args.caller.resolve()?;
-    let client = settings.client()?;
-    let rt = runtime()?;
     let json = settings.json;
-    rt.block_on(async move {
-        match args.command {
-            SessionCommand::Open {
-                kind,
-                ttl,
-                allow_miners,
-            } => {
-                let mut opts = SessionOptions::new().kind(kind.0);
-                if let Some(t) = ttl {
-                    opts = opts.ttl(Duration::from_secs(t));
-                }
-                opts.allowed_miners = allow_miners;
-                let s = client.open_session(opts).await.map_err(sdk_error)?;
-                Ok(render(&s.info(), json, "opened"))
+    settings.block_on(async |client| match args.command {
+        SessionCommand::Open {
+            kind,
+            ttl,
+            allow_miners,
+        } => {
+            let mut opts = SessionOptions::new().kind(kind.0);
+            if let Some(t) = ttl {
+                opts = opts.ttl(Duration::from_secs(t));
             }
-            SessionCommand::Show { session } => {
-                let info = client.session(session).await.map_err(sdk_error)?;
-                Ok(render(&info, json, ""))
-            }
-            SessionCommand::Close { session } => {
-                let s = client.resume_session(session).await.map_err(sdk_error)?;
-                client.close_session(&s).await.map_err(sdk_error)?;
-                Ok(render(&s.info(), json, "closed"))
-            }
+            opts.allowed_miners = allow_miners;
+            let s = client.open_session(opts).await.map_err(sdk_error)?;
+            Ok(render(&s.info(), json, "opened"))
+        }
+        SessionCommand::Show { session } => {
+            let info = client.session(session).await.map_err(sdk_error)?;
+            Ok(render(&info, json, ""))
+        }
+        SessionCommand::Close { session } => {
+            let s = client.resume_session(session).await.map_err(sdk_error)?;
+            client.close_session(&s).await.map_err(sdk_error)?;
+            Ok(render(&s.info(), json, "closed"))
         }
     })
 }

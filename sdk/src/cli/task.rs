@@ -5,7 +5,7 @@ use serde::Serialize;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::config::{CallerArgs, runtime, sdk_error, utc};
+use super::config::{CallerArgs, sdk_error, utc};
 use super::input::{parse_session_id, parse_task_id};
 use super::{CliError, EXIT_STATUS_HELP, Output};
 use veil_api::wire::Hex32;
@@ -47,27 +47,23 @@ enum TaskCommand {
 
 pub(crate) fn execute(args: TaskArgs) -> Result<Output, CliError> {
     let settings = args.caller.resolve()?;
-    let client = settings.client()?;
-    let rt = runtime()?;
     let json = settings.json;
-    rt.block_on(async move {
-        match args.command {
-            TaskCommand::Show { session, task } => {
-                let s = client.resume_session(session).await.map_err(sdk_error)?;
-                let t = client.task(&s, task).await.map_err(sdk_error)?;
-                if json {
-                    let mut line = serde_json::to_vec(&t).expect("a task serializes");
-                    line.push(b'\n');
-                    Ok(Zeroizing::new(line))
-                } else {
-                    Ok(Zeroizing::new(task_text(&t).into_bytes()))
-                }
+    settings.block_on(async |client| match args.command {
+        TaskCommand::Show { session, task } => {
+            let s = client.resume_session(session).await.map_err(sdk_error)?;
+            let t = client.task(&s, task).await.map_err(sdk_error)?;
+            if json {
+                let mut line = serde_json::to_vec(&t).expect("a task serializes");
+                line.push(b'\n');
+                Ok(Zeroizing::new(line))
+            } else {
+                Ok(Zeroizing::new(task_text(&t).into_bytes()))
             }
-            TaskCommand::Result { session, task } => {
-                let s = client.resume_session(session).await.map_err(sdk_error)?;
-                let c = client.result(&s, task).await.map_err(sdk_error)?;
-                Ok(completion_output(&c, json))
-            }
+        }
+        TaskCommand::Result { session, task } => {
+            let s = client.resume_session(session).await.map_err(sdk_error)?;
+            let c = client.result(&s, task).await.map_err(sdk_error)?;
+            Ok(completion_output(&c, json))
         }
     })
 }

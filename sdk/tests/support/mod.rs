@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use veil_api::miner::{ChatMessage, PromptPayload, TaskParams};
 use veil_miner::{InstantEngine, WorkerHandle};
 use veil_router::config::{Config, Settings};
+use veil_testkit::files_under;
 
 /// The model the test miner serves.
 pub const MODEL: &str = "tiny";
@@ -203,26 +204,6 @@ fn expected_with(
     engine.expected_text(&payload, &params).to_string()
 }
 
-/// Every regular file under `dir`, recursively.
-pub fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// The stored file whose SHA-256 is `hash` (lowercase hex).
 pub fn file_with_hash(dir: &Path, hash: &str) -> Option<PathBuf> {
     files_under(dir).into_iter().find(|p| {
@@ -230,11 +211,6 @@ pub fn file_with_hash(dir: &Path, hash: &str) -> Option<PathBuf> {
             .map(|b| hex::encode(Sha256::digest(&b)) == hash)
             .unwrap_or(false)
     })
-}
-
-/// Whether `needle` occurs in `hay`.
-pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A blob store in a fresh bucket of the test S3 server (it presigns URLs), and the server.

@@ -10,6 +10,8 @@
 //!   `VEIL_TEST_S3_ENDPOINT`), with bucket creation and clean shutdown on drop.
 //! * [`postgres`]: a fresh PostgreSQL database per test on the server named by
 //!   `VEIL_TEST_DATABASE_URL` (async, with sqlx).
+//! * [`files_under`] and [`contains`]: every file a test left in a directory, and whether some
+//!   bytes hold a needle (for checks that a secret never reached a disk or a wire).
 //!
 //! Everything else here is synchronous `std` code, so it can be used from plain, async and
 //! benchmark code alike.
@@ -19,7 +21,7 @@ pub mod postgres;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -50,6 +52,40 @@ pub fn unique_name(prefix: &str) -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!("{prefix}-{}-{n}-{nanos:x}", std::process::id())
+}
+
+/// Every regular file under `dir`, recursively (none where `dir` cannot be read).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` (not empty) occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The files under `dir` whose bytes contain `needle`. A file that vanishes between the listing
+/// and the read (a blob deleted by retention, SQLite's -wal/-shm files) holds nothing.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| std::fs::read(p).is_ok_and(|b| contains(&b, needle)))
+        .collect()
 }
 
 /// An S3-compatible server on loopback for tests.
