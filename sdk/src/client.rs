@@ -453,15 +453,16 @@ pub(crate) fn final_result(task: &V3Task) -> Result<&V3Result> {
 }
 
 /// Checks the miner's signed `TaskResult` of a completed task: the signature recovers the
-/// task's miner, and the message names this session, this task and its prompt. Returns the
-/// miner's address.
+/// task's miner, the miner is one the session allows when it is private, and the message names
+/// this session, this task and its prompt. Returns the miner's address.
 pub(crate) fn verify_task_result(
     domain: &Domain,
-    session_id: Uuid,
+    session: &V3Session,
     task: &V3Task,
     result: &V3Result,
     expected_prompt_hash: Option<Hex32>,
 ) -> Result<Address> {
+    let session_id = session.session_id;
     let miner = parse_address(&result.miner).map_err(|e| Error::Protocol {
         endpoint: EP_TASK,
         detail: format!("result.miner: {e}"),
@@ -473,6 +474,11 @@ pub(crate) fn verify_task_result(
     if signer != miner {
         return Err(Error::Integrity(format!(
             "the TaskResult is signed by {signer}, not by the task's miner {miner}"
+        )));
+    }
+    if session.private && !session.allowed_miners.contains(&signer.to_checksum(None)) {
+        return Err(Error::Integrity(format!(
+            "the TaskResult is signed by {signer}, which this private session does not allow"
         )));
     }
     let m = &result.signed.message;
@@ -1216,7 +1222,7 @@ impl Client {
         let result = final_result(task)?;
         let miner = verify_task_result(
             &cfg.domain,
-            session.id(),
+            &session.info(),
             task,
             result,
             expected_prompt_hash,
@@ -1377,41 +1383,74 @@ mod tests {
         let (s, t) = (Uuid::now_v7(), Uuid::now_v7());
         let r = signed_result(&miner, &domain, s, t);
         let task = task_with(r.clone(), s, t);
+        let info = |id: Uuid, private: bool, allowed: Vec<String>| V3Session {
+            session_id: id,
+            owner: PrivateKeySigner::random().address().to_checksum(None),
+            kind: "dedicated".into(),
+            private,
+            allowed_miners: allowed,
+            allowlist_source: "router".into(),
+            created_at_ms: 0,
+            expires_at_ms: None,
+            closed_at_ms: None,
+        };
+        let public = info(s, false, vec![]);
         assert_eq!(
-            verify_task_result(&domain, s, &task, &r, Some(Hex32([1; 32]))).unwrap(),
+            verify_task_result(&domain, &public, &task, &r, Some(Hex32([1; 32]))).unwrap(),
             miner.address()
         );
         // Another session, another expected prompt, another domain, another miner: refused.
         assert!(matches!(
-            verify_task_result(&domain, Uuid::now_v7(), &task, &r, None),
+            verify_task_result(
+                &domain,
+                &info(Uuid::now_v7(), false, vec![]),
+                &task,
+                &r,
+                None
+            ),
             Err(Error::Integrity(_))
         ));
         assert!(matches!(
-            verify_task_result(&domain, s, &task, &r, Some(Hex32([9; 32]))),
+            verify_task_result(&domain, &public, &task, &r, Some(Hex32([9; 32]))),
             Err(Error::Integrity(_))
         ));
         assert!(matches!(
-            verify_task_result(&Domain::without_contract(1), s, &task, &r, None),
+            verify_task_result(&Domain::without_contract(1), &public, &task, &r, None),
             Err(Error::Integrity(_))
         ));
         let mut other = r.clone();
         other.miner = PrivateKeySigner::random().address().to_checksum(None);
         assert!(matches!(
-            verify_task_result(&domain, s, &task, &other, None),
+            verify_task_result(&domain, &public, &task, &other, None),
             Err(Error::Integrity(_))
         ));
         // A result signed for another task.
         let foreign = signed_result(&miner, &domain, s, Uuid::now_v7());
         assert!(matches!(
-            verify_task_result(&domain, s, &task, &foreign, None),
+            verify_task_result(&domain, &public, &task, &foreign, None),
             Err(Error::Integrity(_))
         ));
         // A tampered message no longer recovers the miner.
         let mut tampered = r.clone();
         tampered.signed.message.result_hash = Hex32([3; 32]);
         assert!(matches!(
-            verify_task_result(&domain, s, &task, &tampered, None),
+            verify_task_result(&domain, &public, &task, &tampered, None),
             Err(Error::Integrity(_))
+        ));
+        // A private session: its allowed miner passes, a miner it does not list is refused.
+        let allowed = info(s, true, vec![miner.address().to_checksum(None)]);
+        assert_eq!(
+            verify_task_result(&domain, &allowed, &task, &r, None).unwrap(),
+            miner.address()
+        );
+        let others = info(
+            s,
+            true,
+            vec![PrivateKeySigner::random().address().to_checksum(None)],
+        );
+        assert!(matches!(
+            verify_task_result(&domain, &others, &task, &r, None),
+            Err(Error::Integrity(m)) if m.contains("does not allow")
         ));
     }
 

@@ -362,7 +362,7 @@ impl StreamState {
         let cfg = self.client.cached_config().await?;
         let miner = verify_task_result(
             &cfg.domain,
-            self.session_id,
+            &self.session.info(),
             &task,
             result,
             self.prompt_hash,
