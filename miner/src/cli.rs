@@ -107,6 +107,28 @@ where
             println!("{hash}");
             Ok(None)
         }
+        Command::TinyModel {
+            out,
+            preset,
+            seed,
+            format,
+        } => {
+            let started = Instant::now();
+            let dir = out.clone();
+            let g = tokio::task::spawn_blocking(move || {
+                crate::tiny::generate_as(&dir, preset, seed, format)
+            })
+            .await
+            .map_err(|e| Error::Crashed(e.to_string()))??;
+            println!(
+                "wrote a random-weight model to {} ({} parameters, {:.1} MiB of weights, {} ms)",
+                out.display(),
+                g.parameters,
+                g.weight_bytes as f64 / f64::from(1u32 << 20),
+                started.elapsed().as_millis()
+            );
+            Ok(None)
+        }
         Command::ShowIdentity => {
             let path = Settings::resolve(&cli)?.identity_file();
             let (identity, _) = identity::load_or_create(&path)?;
@@ -136,9 +158,31 @@ where
         "X25519 identity"
     );
     let models = hash_models(&cfg.models).await?;
-    let engine: Arc<dyn Engine> = match cfg.engine {
-        EngineKind::Instant => Arc::new(InstantEngine::serving(models)),
-    };
+    let engine: Arc<dyn Engine> =
+        match cfg.engine {
+            EngineKind::Instant => Arc::new(InstantEngine::serving(models)),
+            #[cfg(feature = "mistralrs")]
+            EngineKind::Mistralrs => {
+                let specs = cfg.models.iter().zip(models).map(|(spec, served)| {
+                    crate::mistral::MistralModel {
+                        served,
+                        path: spec.path.clone().unwrap_or_default(),
+                    }
+                });
+                let opts = crate::mistral::MistralOptions {
+                    device: cfg.device,
+                    max_seqs: cfg.concurrency,
+                    cache_dir: cfg.data_dir.join("cache"),
+                };
+                Arc::new(crate::mistral::MistralEngine::load(specs.collect(), &opts).await?)
+            }
+            #[cfg(not(feature = "mistralrs"))]
+            EngineKind::Mistralrs => {
+                return Err(Error::Config(
+                    "this build has no mistral.rs (built without the `mistralrs` feature)".into(),
+                ));
+            }
+        };
     info!(
         miner = %wallet.address(),
         engine = %cfg.engine,

@@ -47,6 +47,24 @@ pub enum Command {
         /// The model file or directory.
         path: PathBuf,
     },
+    /// Write a random-weight model that mistral.rs loads (Llama architecture, byte-level
+    /// tokenizer, chat template), for tests, demos and benchmarks without downloads. Its output
+    /// is gibberish by design.
+    TinyModel {
+        /// Directory to write the model into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Shape: `tiny` (about 0.1 M parameters) or `small` (GPT-2-small shape, about 113 M).
+        #[arg(long, value_enum, default_value = "tiny")]
+        preset: crate::tiny::Preset,
+        /// Seed of the weights: the same preset and seed give the same files.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// `safetensors` (a Hugging Face directory) or `gguf` (one file with the tokenizer in
+        /// its metadata).
+        #[arg(long, value_enum, default_value = "safetensors")]
+        format: crate::tiny::Format,
+    },
     /// Print the X25519 public key of the identity file (creating the file if it does not exist
     /// yet), e.g. to register the miner in the on-chain ACL.
     ShowIdentity,
@@ -92,12 +110,12 @@ pub struct Settings {
         value_name = "NAME=PATH"
     )]
     pub models: Option<Vec<String>>,
-    /// Inference engine. `instant` is the deterministic protocol test engine (no model: it
-    /// answers with words derived from a hash of the prompt), used for load tests and local
-    /// checks; it serves the configured model names. Required.
+    /// Inference engine: `mistralrs` runs the models with mistral.rs [default: mistralrs];
+    /// `instant` is the deterministic protocol test engine (no model: it answers with words
+    /// derived from a hash of the prompt), used for load tests and local checks.
     #[arg(long, env = "VEIL_MINER_ENGINE")]
     pub engine: Option<EngineKind>,
-    /// Device to run the model on: `cpu` [default: cpu]. `cuda` comes with the inference engine.
+    /// Device to run the model on: `cpu` or `cuda` (builds with the `cuda` feature) [default: cpu].
     #[arg(long, env = "VEIL_MINER_DEVICE")]
     pub device: Option<String>,
     /// Tasks run at the same time [default: 1].
@@ -135,6 +153,8 @@ pub enum LogFormat {
 pub enum EngineKind {
     /// The deterministic protocol test engine ([`crate::InstantEngine`]).
     Instant,
+    /// mistral.rs (builds with the `mistralrs` feature, on by default).
+    Mistralrs,
 }
 
 /// Where the wallet comes from. Holds no secret, only where to find it.
@@ -191,6 +211,8 @@ pub struct Config {
 pub enum Device {
     /// The CPU.
     Cpu,
+    /// The first NVIDIA GPU (builds with the `cuda` feature).
+    Cuda,
 }
 
 /// A configuration error, naming the setting at fault.
@@ -214,6 +236,7 @@ impl fmt::Display for EngineKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EngineKind::Instant => f.write_str("instant"),
+            EngineKind::Mistralrs => f.write_str("mistralrs"),
         }
     }
 }
@@ -305,21 +328,44 @@ impl Config {
             ));
         }
 
-        let engine = s.engine.ok_or_else(|| {
-            err(
-                "engine",
-                "required; this build has one engine: `instant` (the deterministic protocol test engine)",
-            )
-        })?;
+        let engine = match s.engine {
+            Some(EngineKind::Mistralrs) | None if cfg!(feature = "mistralrs") => {
+                EngineKind::Mistralrs
+            }
+            Some(EngineKind::Mistralrs) => {
+                return Err(err(
+                    "engine",
+                    "this build has no mistral.rs (built without the `mistralrs` feature)",
+                ));
+            }
+            None => {
+                return Err(err(
+                    "engine",
+                    "required: this build has only `instant` (built without the `mistralrs` feature)",
+                ));
+            }
+            Some(EngineKind::Instant) => EngineKind::Instant,
+        };
         let device = match s.device.as_deref().map(str::trim) {
             None | Some("cpu") => Device::Cpu,
+            Some("cuda") if cfg!(feature = "cuda") && engine == EngineKind::Mistralrs => {
+                Device::Cuda
+            }
+            Some("cuda") if engine == EngineKind::Instant => {
+                return Err(err("device", "the instant engine runs on `cpu` only"));
+            }
             Some("cuda") => {
                 return Err(err(
                     "device",
-                    "`cuda` comes with the inference engine; this build runs on `cpu` only",
+                    "this build has no CUDA support: build with `--features cuda`",
                 ));
             }
-            Some(other) => return Err(err("device", format!("{other:?}: expected `cpu`"))),
+            Some(other) => {
+                return Err(err(
+                    "device",
+                    format!("{other:?}: expected `cpu` or `cuda`"),
+                ));
+            }
         };
 
         let dev_key_env = s
@@ -547,7 +593,9 @@ mod tests {
             setting(|s| s.router_url = Some(vec!["ftp://x".into()])),
             "router_url"
         );
-        assert_eq!(setting(|s| s.engine = None), "engine");
+        if !cfg!(feature = "mistralrs") {
+            assert_eq!(setting(|s| s.engine = None), "engine");
+        }
         assert_eq!(setting(|s| s.device = Some("cuda".into())), "device");
         assert_eq!(setting(|s| s.dev_key_env = None), "keystore");
         assert_eq!(

@@ -7,9 +7,12 @@ mod engine;
 mod error;
 pub mod identity;
 mod instant;
+#[cfg(feature = "mistralrs")]
+pub mod mistral;
 pub mod model;
 mod pipeline;
 pub mod sign;
+pub mod tiny;
 mod worker;
 
 pub use client::{DEFAULT_MAX_PROMPT_BYTES, MinerClient, install_crypto_provider};
@@ -19,7 +22,9 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use instant::InstantEngine;
-pub use worker::{PROTOCOL_VERSION, RunSummary, TaskOutcome, Worker, WorkerBuilder, WorkerHandle};
+pub use worker::{
+    PROTOCOL_VERSION, RunSummary, StepTimes, TaskOutcome, Worker, WorkerBuilder, WorkerHandle,
+};
 
 /// Re-exported so callers name wire types with the same crate version.
 pub use veil_api;

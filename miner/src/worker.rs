@@ -76,6 +76,24 @@ pub struct RunSummary {
     pub lost: u64,
     /// Tasks that ended in an error that could not be reported (or a panic).
     pub errored: u64,
+    /// Where the time of the completed tasks went.
+    pub steps: StepTimes,
+}
+
+/// Time spent per step over the tasks this worker completed, summed in microseconds (divide by
+/// `tasks` for a mean). Logged per task too, at info level (`task timings`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepTimes {
+    /// Tasks counted.
+    pub tasks: u64,
+    /// Signing the key request, the router's answer, unwrapping the task key.
+    pub key_us: u64,
+    /// Fetching the sealed prompt, checking its hash, opening it.
+    pub prompt_us: u64,
+    /// The engine's run, with the result sealed and uploaded as it is produced.
+    pub generate_us: u64,
+    /// Signing and submitting the `TaskResult`.
+    pub submit_us: u64,
 }
 
 impl RunSummary {
@@ -508,6 +526,7 @@ impl Worker {
                 }
             }
         }
+        summary.steps = *rt.steps.lock().unwrap_or_else(|p| p.into_inner());
         info!(?summary, "worker stopped");
         match fatal {
             Some(e) => Err(e),
@@ -530,6 +549,7 @@ struct Runtime {
     models: Vec<String>,
     login_lock: Mutex<()>,
     token_expires_at: AtomicU64,
+    steps: std::sync::Mutex<StepTimes>,
 }
 
 impl Runtime {
@@ -569,6 +589,7 @@ impl Runtime {
             models,
             login_lock: Mutex::new(()),
             token_expires_at: AtomicU64::new(0),
+            steps: std::sync::Mutex::new(StepTimes::default()),
         };
         rt.relogin(None).await?;
         Ok(rt)
@@ -798,18 +819,46 @@ impl Runtime {
                 lease.model
             )));
         }
+        let t0 = std::time::Instant::now();
         let k_task = self.task_key(lease).await?;
+        let t1 = std::time::Instant::now();
         let prompt = self.open_prompt(lease, &k_task).await?;
+        let t2 = std::time::Instant::now();
         let (produced, receipt) = self.generate_and_upload(lease, &k_task, prompt).await?;
         drop(k_task);
+        let t3 = std::time::Instant::now();
         submitting.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.complete(
-            lease,
-            &receipt,
-            produced.generation.usage,
-            produced.generation.finish_reason,
-        )
-        .await
+        let status = self
+            .complete(
+                lease,
+                &receipt,
+                produced.generation.usage,
+                produced.generation.finish_reason,
+            )
+            .await?;
+        let t4 = std::time::Instant::now();
+        let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_micros() as u64;
+        let took = StepTimes {
+            tasks: 1,
+            key_us: us(t0, t1),
+            prompt_us: us(t1, t2),
+            generate_us: us(t2, t3),
+            submit_us: us(t3, t4),
+        };
+        info!(
+            key_us = took.key_us,
+            prompt_us = took.prompt_us,
+            generate_us = took.generate_us,
+            submit_us = took.submit_us,
+            "task timings"
+        );
+        let mut total = self.steps.lock().unwrap_or_else(|p| p.into_inner());
+        total.tasks += 1;
+        total.key_us += took.key_us;
+        total.prompt_us += took.prompt_us;
+        total.generate_us += took.generate_us;
+        total.submit_us += took.submit_us;
+        Ok(status)
     }
 
     async fn task_key(&self, lease: &Lease) -> Result<SecretKey> {

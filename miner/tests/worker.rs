@@ -450,9 +450,13 @@ async fn completes_tasks_concurrently_with_signed_results() -> anyhow::Result<()
         RunSummary {
             leased: 5,
             completed: 5,
+            steps: summary.steps,
             ..RunSummary::default()
         }
     );
+    // Every completed task's steps were timed.
+    assert_eq!(summary.steps.tasks, 5);
+    assert!(summary.steps.generate_us > 0 && summary.steps.key_us > 0);
 
     let completed = m.state().completed.clone();
     for (lease_id, req) in completed {

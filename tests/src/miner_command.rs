@@ -21,6 +21,11 @@ pub type MinerRun = (
 /// Starts `veil-miner` with the instant engine serving `model` as `tiny`, the dev key as its
 /// wallet and `data_dir` for its identity file, against `router_url`.
 pub fn start(router_url: &str, data_dir: &Path, model: &Path) -> MinerRun {
+    start_engine(router_url, data_dir, "instant", model)
+}
+
+/// [`start`] with another engine (`instant` or `mistralrs`).
+pub fn start_engine(router_url: &str, data_dir: &Path, engine: &str, model: &Path) -> MinerRun {
     let cli = Cli::try_parse_from([
         "veil-miner",
         "--router-url",
@@ -28,7 +33,7 @@ pub fn start(router_url: &str, data_dir: &Path, model: &Path) -> MinerRun {
         "--dev-key-env",
         "TEST_MINER_KEY",
         "--engine",
-        "instant",
+        engine,
         "--model",
         &format!("tiny={}", model.display()),
         "--data-dir",
