@@ -139,7 +139,9 @@ async fn veil(
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 200);
+    if res.status() != 200 {
+        panic!("{}: {}", res.status(), res.text().await.unwrap_or_default());
+    }
     if !stream {
         let v: Value = res.json().await.unwrap();
         let text = v["choices"][0]["message"]["content"]
@@ -250,7 +252,11 @@ async fn bench(preset: Preset, runs: usize, tokens: usize) {
     );
     let model = engine.model("bench").unwrap();
 
-    let router = TestRouter::start(TestRouter::settings(&dir.path().join("router"))).await;
+    let mut settings = TestRouter::settings(&dir.path().join("router"));
+    // Large models on a CPU take a while per request.
+    settings.completion_timeout_ms = Some(600_000);
+    settings.lease_ttl_ms = Some(30_000);
+    let router = TestRouter::start(settings).await;
     let key = router.admin().to_string();
     let worker = Worker::builder()
         .router_url(router.url.clone())
