@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use veil_blobstore::BlobStore;
@@ -310,6 +311,13 @@ pub async fn serve(
     let result = match tls {
         None => {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            // Small writes (SSE events, streamed chunks) go out at once, not after the peer's
+            // delayed ACK.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
             let server = axum::serve(listener, app).with_graceful_shutdown(async move {
                 shutdown.await;
                 let _ = tx.send(());
@@ -342,6 +350,7 @@ pub async fn serve(
                 .map_err(|e| StartError::Listen(e.to_string()))?;
             axum_server::from_tcp_rustls(std_listener, config)
                 .map_err(|e| StartError::Listen(e.to_string()))?
+                .map(|tls| tls.acceptor(axum_server::accept::NoDelayAcceptor::new()))
                 .handle(handle)
                 .serve(app.into_make_service())
                 .await

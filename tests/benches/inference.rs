@@ -378,7 +378,7 @@ async fn bench(preset: Preset, runs: usize, tokens: usize) {
         per(summary.steps.key_us)
     );
     println!(
-        "| miner | prompt (fetch, hash, open) | {:.3} |",
+        "| miner | prompt (fetched during the key request; what is left, then open) | {:.3} |",
         per(summary.steps.prompt_us)
     );
     println!(
