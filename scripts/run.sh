@@ -112,7 +112,10 @@ if [ ! -s "$local_dir/api-key" ]; then
 fi
 
 log "starting the miner: mistral.rs on the CPU serving $model_name from $model_path (logs in $local_dir/logs/miner.log)"
+# mistral.rs creates a Hugging Face home when it loads a model, even from a local path: keep it
+# in the data dir rather than in ~/.cache.
 VEIL_LOCAL_MINER_KEY=$(cat "$local_dir/miner-wallet.key") \
+  HF_HOME="${HF_HOME:-$local_dir/miner/cache/huggingface}" \
   "$bin/veil-miner" --router-url "$url" --dev-key-env VEIL_LOCAL_MINER_KEY \
   --engine mistralrs --model "$model_name=$model_path" --data-dir "$local_dir/miner" \
   >>"$local_dir/logs/miner.log" 2>&1 &
