@@ -9,8 +9,8 @@
 # Running it again reuses everything under the data dir (keyring, database, identities, wallets,
 # model), so earlier sessions and results are still there.
 #
-# It uses the build the test suite uses (dependencies optimised, Veil's own crates not), so it
-# starts at once after `scripts/test.sh`; --release builds everything optimised instead.
+# It shares the test suite's build (dependencies optimised, Veil's own crates not), so after
+# `scripts/test.sh` only a few crates are rebuilt; --release builds everything optimised instead.
 #
 # Usage: scripts/run.sh [--model PATH] [--model-name NAME] [--listen HOST:PORT]
 #                       [--data-dir DIR] [--release]
@@ -128,7 +128,8 @@ until curl -sf -H "authorization: Bearer $api_key" "$url/api/v2/models" | grep -
   [ $SECONDS -lt $deadline ] || { echo "error: the miner did not connect within 10 minutes" >&2; exit 1; }
   sleep 0.5
 done
-miner=$(grep -o 'miner=0x[0-9a-fA-F]\{40\}' "$local_dir/logs/miner.log" | tail -n1 | cut -d= -f2)
+miner=$(grep -o 'miner=0x[0-9a-fA-F]\{40\}' "$local_dir/logs/miner.log" | tail -n1 | cut -d= -f2 || true)
+[ -n "$miner" ] || { echo "error: no miner address in $local_dir/logs/miner.log" >&2; exit 1; }
 
 cat <<EOF
 
@@ -137,8 +138,8 @@ Veil is running: router $url, one miner ($miner) serving "$model_name".
 A private completion, sealed on your machine (wallet-signed /api/v3; only the local miner may
 open it):
 
-  $bin/veil --router $url --private-key-file $local_dir/client-wallet.key \\
-    complete --model $model_name --max-tokens 32 --allow-miner $miner "Hello, Veil"
+  $bin/veil complete --router $url --private-key-file $local_dir/client-wallet.key \\
+    --model $model_name --max-tokens 32 --allow-miner $miner "Hello, Veil"
 
 The same through the OpenAI-compatible API (the router seals it at the edge):
 

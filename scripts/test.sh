@@ -10,8 +10,9 @@
 #     the official OpenAI client against the router; an independent wallet library that signs and
 #     recovers every EIP-712 message of protocol §6, api/tests/eip712_eth_account.rs)
 #   - cargo-fuzz (crates.io) for the fuzz targets
-# then runs every Rust test in the workspace (unit, integration, doc tests), the
-# independent vector check, and a short run of every fuzz target.
+# then runs every Rust test in the workspace (unit, integration, doc tests), the README's run
+# command (scripts/run.sh in a pseudo-terminal: its printed commands, Ctrl-C, a second start),
+# the independent vector check, and a short run of every fuzz target.
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 # Environment: VEIL_FUZZ_SECONDS  seconds per fuzz target (default 10)
@@ -97,6 +98,11 @@ setup_evm_tools
 # --- the suite --------------------------------------------------------------
 log "cargo test --workspace"
 cargo test --workspace --locked "$@"
+
+# The README's run command, as a person uses it: started in a terminal, its printed commands
+# run as printed, stopped with Ctrl-C, started again.
+log "the run command (scripts/run.sh), twice"
+"$PYTHON" scripts/lib/run_smoke.py "$root"
 
 
 # cargo-fuzz instruments the targets with sanitizer-coverage flags that stable

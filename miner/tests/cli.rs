@@ -301,6 +301,47 @@ async fn stand_in_router() -> String {
     url
 }
 
+/// Reads `child`'s stderr until a line contains `needle` (60 s at most): whether it came, and
+/// the lines read.
+async fn wait_for_line(
+    child: &mut std::process::Child,
+    needle: &'static str,
+) -> (bool, Vec<String>) {
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    tokio::task::spawn_blocking(move || {
+        let mut log = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+            let done = line.contains(needle);
+            log.push(line);
+            if done {
+                return (true, log);
+            }
+        }
+        (false, log)
+    })
+    .await
+    .unwrap()
+}
+
+/// Stops `child` with SIGTERM and returns its output.
+async fn terminate(child: std::process::Child) -> Output {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_gracefully_with_a_summary() {
     let url = stand_in_router().await;
@@ -333,26 +374,7 @@ async fn sigterm_stops_gracefully_with_a_summary() {
     .unwrap();
 
     // Wait for the login (after the first, unreachable router was given up).
-    let (tx, rx) = mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    let logged_in = tokio::task::spawn_blocking(move || {
-        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
-            let done = line.contains("logged in");
-            log.push(line);
-            if done {
-                return (true, log);
-            }
-        }
-        (false, log)
-    })
-    .await
-    .unwrap();
+    let logged_in = wait_for_line(&mut child, "logged in").await;
     assert!(logged_in.0, "{}", logged_in.1.join("\n"));
     let log = logged_in.1.join("\n");
     assert!(log.contains("trying the next one"), "{log}");
@@ -362,18 +384,80 @@ async fn sigterm_stops_gracefully_with_a_summary() {
     );
     assert!(!log.contains(DEV_KEY), "no secret in the logs");
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = terminate(child).await;
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         stdout(&out).trim(),
         "veil-miner stopped: leased 0, completed 0, duplicates 0, failed 0, released 0, lost 0, errored 0"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keystore_wallet_logs_in_with_its_password_only() {
+    let url = stand_in_router().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = alloy_signer::k256::elliptic_curve::rand_core::OsRng;
+    let (signer, _) = alloy_signer_local::PrivateKeySigner::encrypt_keystore(
+        dir.path(),
+        &mut rng,
+        [7u8; 32],
+        "correct horse",
+        Some("miner.json"),
+    )
+    .unwrap();
+    let keystore = dir.path().join("miner.json");
+    let data = dir.path().join("data");
+    let args = [
+        "--router-url",
+        &url,
+        "--keystore",
+        keystore.to_str().unwrap(),
+        "--engine",
+        "instant",
+        "--model",
+        "m",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+
+    // A wrong password: refused before anything starts, the setting named, the password nowhere.
+    let o = miner(&args)
+        .env("VEIL_MINER_KEYSTORE_PASSWORD", "wrong horse")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("config: keystore: ") && e.contains("cannot decrypt"),
+        "{e}"
+    );
+    assert!(!e.contains("horse"), "{e}");
+
+    // No password and no terminal to ask on: refused, nothing waits for input.
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no password"), "{}", stderr(&o));
+
+    // The right password: the miner logs in as the keystore's address.
+    let mut child = miner(&args)
+        .env("VEIL_MINER_KEYSTORE_PASSWORD", "correct horse")
+        .env("VEIL_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (logged_in, log) = wait_for_line(&mut child, "logged in").await;
+    let log = log.join("\n");
+    assert!(logged_in, "{log}");
+    assert!(
+        log.contains(&signer.address().to_checksum(None)),
+        "logged in as the keystore's address: {log}"
+    );
+    assert!(!log.contains("horse"), "no password in the logs: {log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "no terminal colours when stderr is not a terminal: {log:?}"
+    );
+    let out = terminate(child).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
