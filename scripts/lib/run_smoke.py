@@ -128,7 +128,17 @@ def check_commands(root, out):
 
 def process_alive(marker):
     """Whether a process whose command line contains `marker` is still running."""
-    return subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:  # gone meanwhile
+            continue
+        if marker in cmdline:
+            return True
+    return False
 
 
 def start_and_check(root, data, first):
