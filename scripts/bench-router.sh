@@ -40,7 +40,10 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 log "building release binaries"
-cargo build --release --locked -q -p veil-router -p veil-miner --bin veil-router --bin veil-miner
+# The miner runs the instant engine only: built without mistral.rs, the release build takes
+# minutes rather than half an hour.
+cargo build --release --locked -q -p veil-router -p veil-miner --no-default-features \
+  --bin veil-router --bin veil-miner
 target=${CARGO_TARGET_DIR:-$root/target}
 ROUTER=$target/release/veil-router
 MINER=$target/release/veil-miner
