@@ -40,8 +40,8 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 log "building release binaries"
-# The miner runs the instant engine only: built without mistral.rs, the release build takes
-# minutes rather than half an hour.
+# The miner runs the instant engine only, so it is built without mistral.rs (the whole benchmark,
+# this release build included, took about 10 minutes on a 2-core machine).
 cargo build --release --locked -q -p veil-router -p veil-miner --no-default-features \
   --bin veil-router --bin veil-miner
 target=${CARGO_TARGET_DIR:-$root/target}
