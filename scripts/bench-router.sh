@@ -6,7 +6,8 @@
 # cost, so the figures are the router's and the queue's own), then drives `/api/v2/completions`
 # with a small chat body (`max_tokens` 16) from wrk at each client count, plain and streamed.
 # It prints requests/s, p50/p90/p99 latency, errors, the router's resident memory, and the
-# router's own time per request broken down by step (from its `/metrics` histograms).
+# router's own time per request broken down by step (from its `/metrics` histograms), and the
+# router's CPU time and thread context switches per request.
 #
 # Usage: scripts/bench-router.sh
 # Environment:
@@ -106,6 +107,9 @@ PY
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS=$(getconf CLK_TCK)
 
+# Context switches (voluntary and involuntary) of all of a process's threads.
+ctx_switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
+
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
@@ -124,8 +128,8 @@ LUA
 
 results=$work/results.md
 {
-  echo "| backend | mode | clients | req/s | p50 ms | p90 ms | p99 ms | errors | router RSS MiB (peak) | router CPU ms/req | miner CPU ms/req |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| backend | mode | clients | req/s | p50 ms | p90 ms | p99 ms | errors | router RSS MiB (peak) | router CPU ms/req | router context switches/req | miner CPU ms/req |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 } >"$results"
 steps_file=$work/steps.txt
 : >"$steps_file"
@@ -179,11 +183,13 @@ for backend in $BACKENDS; do
     for c in $CLIENTS; do
       curl -s "http://$VEIL_LISTEN/metrics" >"$work/before.prom"
       r0=$(cpu_ticks "$router_pid")
+      x0=$(ctx_switches "$router_pid")
       m0=$(cpu_ticks "$miner_pid")
       log "$backend $mode: $c clients for ${DURATION}s"
       out=$(wrk -t2 -c"$c" -d"${DURATION}s" --timeout 10s --latency -s "$work/$mode.lua" \
         "http://$VEIL_LISTEN/api/v2/chat/completions")
       r1=$(cpu_ticks "$router_pid")
+      x1=$(ctx_switches "$router_pid")
       m1=$(cpu_ticks "$miner_pid")
       curl -s "http://$VEIL_LISTEN/metrics" >"$work/after.prom"
       echo "$out" >&2
@@ -202,8 +208,9 @@ for backend in $BACKENDS; do
       rss=$(( $(rss_kib "$router_pid") / 1024 ))
       hwm=$(( $(hwm_kib "$router_pid") / 1024 ))
       rcpu=$(awk -v d=$((r1 - r0)) -v t="$TICKS" -v n="$total" 'BEGIN {printf "%.2f", d / t * 1000 / n}')
+      rctx=$(awk -v d=$((x1 - x0)) -v n="$total" 'BEGIN {printf "%.0f", d / n}')
       mcpu=$(awk -v d=$((m1 - m0)) -v t="$TICKS" -v n="$total" 'BEGIN {printf "%.2f", d / t * 1000 / n}')
-      echo "| $backend | $mode | $c | $rps | $p50 | $p90 | $p99 | $errors | $rss ($hwm) | $rcpu | $mcpu |" >>"$results"
+      echo "| $backend | $mode | $c | $rps | $p50 | $p90 | $p99 | $errors | $rss ($hwm) | $rcpu | $rctx | $mcpu |" >>"$results"
       echo "$backend $mode c=$c: $(steps_between "$work/before.prom" "$work/after.prom" "$total")" >>"$steps_file"
     done
   done

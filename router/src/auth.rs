@@ -128,13 +128,116 @@ impl FromRequestParts<AppState> for Miner {
             ));
         }
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        match state.store.miner_session(&hash, now_ms()).await {
-            Ok(m) => Ok(Miner(m)),
+        let now = now_ms();
+        if let Some(m) = state.miner_sessions.get(&hash, now) {
+            return Ok(Miner(m));
+        }
+        match state.store.miner_session(&hash, now).await {
+            Ok(m) => {
+                state.miner_sessions.insert(&m, now);
+                Ok(Miner(m))
+            }
             Err(StoreError::NotFound { .. }) => Err(ApiError::unauthorized(
                 "token_expired",
                 "unknown or expired miner token; log in again",
             )),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// Miner sessions seen recently, by token hash. A miner session never changes once stored and
+/// is never revoked before its expiry (a miner logs in again for a new one), so a cached session
+/// is exactly what the store would answer until `expires_at_ms`; the cache saves a database read
+/// on each of the five or so miner requests a task takes.
+#[derive(Debug, Default)]
+pub struct MinerSessionCache {
+    map: std::sync::Mutex<std::collections::HashMap<[u8; 32], MinerSession>>,
+}
+
+/// Sessions kept at most; beyond this, expired ones are dropped, then the whole cache.
+const MINER_SESSION_CACHE: usize = 4096;
+
+impl MinerSessionCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], MinerSession>> {
+        // The map holds no invariant a panic could break.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The session of `token_hash`, if cached and not expired at `now_ms`.
+    pub fn get(&self, token_hash: &[u8; 32], now_ms: i64) -> Option<MinerSession> {
+        let mut map = self.lock();
+        match map.get(token_hash) {
+            Some(m) if m.expires_at_ms > now_ms => Some(m.clone()),
+            Some(_) => {
+                map.remove(token_hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers `m` (read from the store at `now_ms`).
+    pub fn insert(&self, m: &MinerSession, now_ms: i64) {
+        let mut map = self.lock();
+        if map.len() >= MINER_SESSION_CACHE {
+            map.retain(|_, s| s.expires_at_ms > now_ms);
+            if map.len() >= MINER_SESSION_CACHE {
+                map.clear();
+            }
+        }
+        map.insert(m.token_hash, m.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(n: u8, expires_at_ms: i64) -> MinerSession {
+        MinerSession {
+            token_hash: [n; 32],
+            miner: format!("0x{n:040x}"),
+            recipient: [n; 32],
+            models: vec![("m".into(), None)],
+            created_at_ms: 0,
+            expires_at_ms,
+        }
+    }
+
+    #[test]
+    fn a_cached_miner_session_is_answered_until_it_expires() {
+        let c = MinerSessionCache::default();
+        assert_eq!(c.get(&[1; 32], 0), None);
+        c.insert(&session(1, 100), 0);
+        assert_eq!(c.get(&[1; 32], 99), Some(session(1, 100)));
+        assert_eq!(c.get(&[1; 32], 100), None, "expired at expires_at_ms");
+        assert_eq!(c.get(&[1; 32], 50), None, "and dropped from the cache");
+    }
+
+    #[test]
+    fn the_cache_stays_bounded_dropping_expired_sessions_first() {
+        let c = MinerSessionCache::default();
+        let fill = |expiring: bool| {
+            for i in 0..MINER_SESSION_CACHE {
+                let exp = if expiring && i % 2 == 0 { 10 } else { 1_000 };
+                let mut s = session(0, exp);
+                s.token_hash[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                c.insert(&s, 0);
+            }
+            assert_eq!(c.lock().len(), MINER_SESSION_CACHE);
+        };
+        fill(true);
+        c.insert(&session(200, 1_000), 500);
+        assert_eq!(
+            c.lock().len(),
+            MINER_SESSION_CACHE / 2 + 1,
+            "expired ones dropped"
+        );
+        c.lock().clear();
+        fill(false);
+        c.insert(&session(201, 1_000), 500);
+        assert_eq!(c.lock().len(), 1, "full of live sessions: started afresh");
+        assert!(c.get(&[201; 32], 500).is_some());
     }
 }

@@ -30,6 +30,8 @@ pub struct Inner {
     pub keys: KeyService,
     /// Per-API-key rate and concurrency limits.
     pub limits: Limits,
+    /// Miner sessions already read from the store.
+    pub miner_sessions: crate::auth::MinerSessionCache,
     /// In-process relay of sealed result frames to streaming callers.
     pub relay: Relay,
     /// Prometheus exposition.
@@ -59,6 +61,7 @@ impl AppState {
             blobs,
             keys: keys.into(),
             limits: Limits::default(),
+            miner_sessions: Default::default(),
             relay: Relay::default(),
             metrics,
             acl,

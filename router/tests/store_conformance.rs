@@ -1419,7 +1419,9 @@ async fn audit_appends_stay_linear_under_concurrency(s: Arc<dyn Store>, b: &Back
         };
         tasks.push(tokio::spawn(async move {
             for i in 0..20 {
-                store.audit(&audit_entry(w * 100 + i)).await.unwrap();
+                // Concurrent appends may share a transaction; each gets its own entry back.
+                let e = store.audit(&audit_entry(w * 100 + i)).await.unwrap();
+                assert_eq!(e.entry, audit_entry(w * 100 + i));
             }
         }));
     }
@@ -1444,6 +1446,19 @@ async fn audit_appends_stay_linear_under_concurrency(s: Arc<dyn Store>, b: &Back
         .map(|e| e.seq)
         .collect();
     assert_eq!(seqs, (1..=120).collect::<Vec<_>>());
+    let mut written: Vec<i64> = s
+        .audit_entries(0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.entry.at_ms)
+        .collect();
+    written.sort_unstable();
+    let mut expected: Vec<i64> = (0..6)
+        .flat_map(|w| (0..20).map(move |i| T0 + w * 100 + i))
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(written, expected, "every append stored exactly once");
 }
 
 async fn concurrent_leasing_leases_every_task_once(s: Arc<dyn Store>, b: &Backend) {

@@ -1389,6 +1389,7 @@ async fn drive_stream(
     }
     let _ = sent_role;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let mut events_open = true;
     loop {
         tokio::select! {
             msg = relay.rx.recv(), if relay_ok && !relay_ended => {
@@ -1424,9 +1425,18 @@ async fn drive_stream(
                     Err(_) => relay_ok = false,
                 }
             }
-            ev = events.recv() => {
-                if let Ok(StoreEvent::TaskFinished { task_id }) = ev
-                    && task_id != task.id { continue; }
+            ev = events.recv(), if events_open => {
+                // Only this task's end (or events missed) is worth a look at the store; other
+                // tasks' events would cost every open stream a read per event.
+                match ev {
+                    Ok(StoreEvent::TaskFinished { task_id }) if task_id == task.id => {}
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => {
+                        events_open = false;
+                        continue;
+                    }
+                }
                 if let Some(done) = finished(state, task.id).await? {
                     return finish_stream(state, &done, k_task, shape, out, emitted, relay_ok && relay_ended, hasher.clone()).await;
                 }

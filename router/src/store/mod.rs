@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+mod group;
 mod lifecycle;
 mod model;
 mod postgres;

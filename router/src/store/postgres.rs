@@ -8,6 +8,7 @@
 //! commit only) and are published on this replica at once; a background task `LISTEN`s and
 //! re-publishes other replicas' events, reconnecting when its connection drops.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +30,7 @@ use super::{
     SealingPolicy, Session, Store, StoreError, StoreEvent, Task, TaskResultRecord, TaskState,
 };
 
+use super::group::AuditGroup;
 use super::lifecycle;
 
 /// The state of a rewrap journal row, locked until the transaction ends (where the backend
@@ -54,6 +56,8 @@ const MAX_LISTEN_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// Audit appends waiting to share a transaction.
+    audits: Arc<AuditGroup>,
     events: broadcast::Sender<StoreEvent>,
     /// Tags this replica's notifications so that its listener skips them (they were published
     /// locally already).
@@ -86,6 +90,7 @@ impl PgStore {
         let listener = ListenerTask(tokio::spawn(listen(pool.clone(), events.clone(), origin)));
         Ok(Self {
             pool,
+            audits: Arc::default(),
             events,
             origin,
             _listener: listener,
@@ -344,38 +349,64 @@ async fn finish(
 /// Appends `e` to the audit hash chain inside `tx`, so that it commits with the change it
 /// records or not at all.
 pub(super) async fn append_audit(tx: &mut Tx, e: &NewAuditEntry) -> Result<AuditEntry> {
+    let mut out = append_audits(tx, std::slice::from_ref(e)).await?;
+    out.pop()
+        .ok_or_else(|| StoreError::Database("audit entry not written".into()))
+}
+
+/// Appends `entries` to the audit hash chain inside `tx`, in order, with one insert.
+pub(super) async fn append_audits(
+    tx: &mut Tx,
+    entries: &[NewAuditEntry],
+) -> Result<Vec<AuditEntry>> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
     // One appender at a time across all replicas, until this transaction ends.
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(AUDIT_LOCK)
         .execute(&mut **tx)
         .await
         .map_err(db_err)?;
-    let head: Option<AuditHead> =
+    let mut head: Option<AuditHead> =
         sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut **tx)
             .await
             .map_err(db_err)?;
-    let entry = sql::next_audit_entry(head, e)?;
-    sqlx::query(
+    let mut out = Vec::with_capacity(entries.len());
+    let mut details = Vec::with_capacity(entries.len());
+    for e in entries {
+        let entry = sql::next_audit_entry(head.take(), e)?;
+        head = Some(AuditHead {
+            seq: entry.seq,
+            hash: entry.hash.to_vec(),
+        });
+        details.push(sql::detail_json(e)?);
+        out.push(entry);
+    }
+    let mut insert = sqlx::QueryBuilder::<Postgres>::new(
         "INSERT INTO audit_log (seq, at_ms, actor, action, session_id, task_id, miner, \
-         key_version, detail, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(entry.seq)
-    .bind(e.at_ms)
-    .bind(&e.actor)
-    .bind(&e.action)
-    .bind(e.session_id)
-    .bind(e.task_id)
-    .bind(&e.miner)
-    .bind(e.key_version.map(i64::from))
-    .bind(sql::detail_json(e)?)
-    .bind(&entry.prev_hash[..])
-    .bind(&entry.hash[..])
-    .execute(&mut **tx)
-    .await
-    .map_err(insert_err("audit_entry"))?;
-    Ok(entry)
+         key_version, detail, prev_hash, hash) ",
+    );
+    insert.push_values(out.iter().zip(&details), |mut row, (a, detail)| {
+        row.push_bind(a.seq)
+            .push_bind(a.entry.at_ms)
+            .push_bind(a.entry.actor.as_str())
+            .push_bind(a.entry.action.as_str())
+            .push_bind(a.entry.session_id)
+            .push_bind(a.entry.task_id)
+            .push_bind(a.entry.miner.as_deref())
+            .push_bind(a.entry.key_version.map(i64::from))
+            .push_bind(detail.as_str())
+            .push_bind(&a.prev_hash[..])
+            .push_bind(&a.hash[..]);
+    });
+    insert
+        .build()
+        .execute(&mut **tx)
+        .await
+        .map_err(insert_err("audit_entry"))?;
+    Ok(out)
 }
 
 async fn commit(tx: Tx) -> Result<()> {
@@ -908,14 +939,16 @@ impl Store for PgStore {
     }
 
     async fn active_lease(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<LeasedTask> {
-        // Reads only; the task row is locked for the moment so that lease and task agree.
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let r = async {
-            let (lease, task) = active(&mut tx, lease_id, miner, now_ms).await?;
-            Ok((lease.leased_task(task)?, Vec::new()))
-        }
-        .await;
-        self.settle(tx, r).await
+        // Reads only: one statement sees lease and task in one snapshot, without locks.
+        let row = sqlx::query_as::<_, sql::LeaseTaskRow>(sql::LEASE_WITH_TASK)
+            .bind(lease_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let (lease, task) = found(row, "lease")?.split()?;
+        lease.check_holder(miner)?;
+        lease.check_active(&task, miner, now_ms)?;
+        lease.leased_task(task)
     }
 
     async fn lease_record(&self, lease_id: Uuid, miner: &str) -> Result<LeaseRecord> {
@@ -1329,11 +1362,25 @@ impl Store for PgStore {
     // --- audit ------------------------------------------------------------------------------
 
     async fn audit(&self, e: &NewAuditEntry) -> Result<AuditEntry> {
-        let mut tx = self.write().await?;
-        let r = append_audit(&mut tx, e)
+        // Concurrent appends share one transaction (see `group`).
+        self.audits
+            .append(e, |batch| {
+                let pool = self.pool.clone();
+                async move {
+                    let mut tx = pool.begin().await.map_err(db_err)?;
+                    match append_audits(&mut tx, &batch).await {
+                        Ok(entries) => {
+                            commit(tx).await?;
+                            Ok(entries)
+                        }
+                        Err(e) => {
+                            let _ = tx.rollback().await;
+                            Err(e)
+                        }
+                    }
+                }
+            })
             .await
-            .map(|entry| (entry, Vec::new()));
-        self.settle(tx, r).await
     }
 
     async fn audit_entries(&self, after: i64, limit: u32) -> Result<Vec<AuditEntry>> {

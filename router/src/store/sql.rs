@@ -306,6 +306,37 @@ impl TaskRow {
     }
 }
 
+/// A lease and its task in one statement, for both backends: the lease's columns are renamed
+/// (`l_…`) because `tasks` has columns of the same names.
+pub(super) const LEASE_WITH_TASK: &str = "SELECT l.lease_id AS l_lease_id, l.task_id AS l_task_id, \
+     l.miner AS l_miner, l.attempt AS l_attempt, l.expires_at_ms AS l_expires_at_ms, t.* \
+     FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.lease_id = $1";
+
+/// A row of [`LEASE_WITH_TASK`].
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct LeaseTaskRow {
+    l_lease_id: Uuid,
+    l_task_id: Uuid,
+    l_miner: String,
+    l_attempt: i64,
+    l_expires_at_ms: i64,
+    #[sqlx(flatten)]
+    task: TaskRow,
+}
+
+impl LeaseTaskRow {
+    pub(super) fn split(self) -> Result<(LeaseRow, Task)> {
+        let lease = LeaseRow {
+            lease_id: self.l_lease_id,
+            task_id: self.l_task_id,
+            miner: self.l_miner,
+            attempt: self.l_attempt,
+            expires_at_ms: self.l_expires_at_ms,
+        };
+        Ok((lease, self.task.into_task()?))
+    }
+}
+
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct LeaseRow {
     pub(super) lease_id: Uuid,

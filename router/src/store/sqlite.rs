@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,6 +33,7 @@ use super::{
     SealingPolicy, Session, Store, StoreError, StoreEvent, Task, TaskResultRecord, TaskState,
 };
 
+use super::group::AuditGroup;
 use super::lifecycle;
 
 /// The state of a rewrap journal row, locked until the transaction ends (where the backend
@@ -39,6 +41,21 @@ use super::lifecycle;
 const REWRAP_STATE: &str = "SELECT state FROM key_rewraps WHERE id = $1";
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The next task a miner may lease: least recently served session first (never served = 0),
+/// then FIFO by `seq`. Binds: models (JSON array), now, miner, skip contract sessions.
+const LEASE_CANDIDATE: &str = "SELECT t.id FROM tasks t \
+    JOIN sessions s ON s.id = t.session_id \
+    LEFT JOIN session_service ss ON ss.session_id = t.session_id \
+    WHERE t.state = 'queued' \
+      AND t.model IN (SELECT value FROM json_each($1)) \
+      AND (t.deadline_ms IS NULL OR t.deadline_ms > $2) \
+      AND s.closed_at_ms IS NULL \
+      AND (s.expires_at_ms IS NULL OR s.expires_at_ms > $2) \
+      AND (NOT s.private OR EXISTS (SELECT 1 FROM session_miners m \
+           WHERE m.session_id = s.id AND m.miner = $3)) \
+      AND NOT ($4 AND s.allowlist_source = 'contract') \
+    ORDER BY COALESCE(ss.last_served, 0), t.seq LIMIT 1";
 
 /// How long a writer waits for the write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,6 +71,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Writes: one connection, so in-process writers queue in order instead of on the lock.
     writer: SqlitePool,
+    /// Audit appends waiting to share a transaction.
+    audits: Arc<AuditGroup>,
     events: broadcast::Sender<StoreEvent>,
 }
 
@@ -112,6 +131,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             writer,
+            audits: Arc::default(),
             events,
         })
     }
@@ -237,22 +257,23 @@ async fn task_row(tx: &mut Tx, id: Uuid) -> Result<Task> {
     found(row, "task")?.into_task()
 }
 
-async fn lease_row(tx: &mut Tx, lease_id: Uuid) -> Result<LeaseRow> {
-    let row = sqlx::query_as::<_, LeaseRow>(
-        "SELECT lease_id, task_id, miner, attempt, expires_at_ms FROM leases WHERE lease_id = $1",
-    )
-    .bind(lease_id)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db_err)?;
-    found(row, "lease")
+/// A lease and its task, in one statement.
+async fn lease_with_task<'e, E>(ex: E, lease_id: Uuid) -> Result<(LeaseRow, Task)>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let row = sqlx::query_as::<_, sql::LeaseTaskRow>(sql::LEASE_WITH_TASK)
+        .bind(lease_id)
+        .fetch_optional(ex)
+        .await
+        .map_err(db_err)?;
+    found(row, "lease")?.split()
 }
 
 /// The lease, its task, checked to be held by `miner` and valid at `now_ms`.
 async fn active(tx: &mut Tx, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<(LeaseRow, Task)> {
-    let lease = lease_row(tx, lease_id).await?;
+    let (lease, task) = lease_with_task(&mut **tx, lease_id).await?;
     lease.check_holder(miner)?;
-    let task = task_row(tx, lease.task_id).await?;
     lease.check_active(&task, miner, now_ms)?;
     Ok((lease, task))
 }
@@ -283,32 +304,58 @@ async fn finish(
 /// Appends `e` to the audit hash chain inside `tx`, so that it commits with the change it
 /// records or not at all.
 pub(super) async fn append_audit(tx: &mut Tx, e: &NewAuditEntry) -> Result<AuditEntry> {
-    let head: Option<AuditHead> =
+    let mut out = append_audits(tx, std::slice::from_ref(e)).await?;
+    out.pop()
+        .ok_or_else(|| StoreError::Database("audit entry not written".into()))
+}
+
+/// Appends `entries` to the audit hash chain inside `tx`, in order, with one insert.
+pub(super) async fn append_audits(
+    tx: &mut Tx,
+    entries: &[NewAuditEntry],
+) -> Result<Vec<AuditEntry>> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut head: Option<AuditHead> =
         sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut **tx)
             .await
             .map_err(db_err)?;
-    let entry = sql::next_audit_entry(head, e)?;
-    sqlx::query(
+    let mut out = Vec::with_capacity(entries.len());
+    let mut details = Vec::with_capacity(entries.len());
+    for e in entries {
+        let entry = sql::next_audit_entry(head.take(), e)?;
+        head = Some(AuditHead {
+            seq: entry.seq,
+            hash: entry.hash.to_vec(),
+        });
+        details.push(sql::detail_json(e)?);
+        out.push(entry);
+    }
+    let mut insert = sqlx::QueryBuilder::<Sqlite>::new(
         "INSERT INTO audit_log (seq, at_ms, actor, action, session_id, task_id, miner, \
-         key_version, detail, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(entry.seq)
-    .bind(e.at_ms)
-    .bind(&e.actor)
-    .bind(&e.action)
-    .bind(e.session_id)
-    .bind(e.task_id)
-    .bind(&e.miner)
-    .bind(e.key_version.map(i64::from))
-    .bind(sql::detail_json(e)?)
-    .bind(&entry.prev_hash[..])
-    .bind(&entry.hash[..])
-    .execute(&mut **tx)
-    .await
-    .map_err(insert_err("audit_entry"))?;
-    Ok(entry)
+         key_version, detail, prev_hash, hash) ",
+    );
+    insert.push_values(out.iter().zip(&details), |mut row, (a, detail)| {
+        row.push_bind(a.seq)
+            .push_bind(a.entry.at_ms)
+            .push_bind(a.entry.actor.as_str())
+            .push_bind(a.entry.action.as_str())
+            .push_bind(a.entry.session_id)
+            .push_bind(a.entry.task_id)
+            .push_bind(a.entry.miner.as_deref())
+            .push_bind(a.entry.key_version.map(i64::from))
+            .push_bind(detail.as_str())
+            .push_bind(&a.prev_hash[..])
+            .push_bind(&a.hash[..]);
+    });
+    insert
+        .build()
+        .execute(&mut **tx)
+        .await
+        .map_err(insert_err("audit_entry"))?;
+    Ok(out)
 }
 
 async fn commit(tx: Tx) -> Result<()> {
@@ -743,30 +790,30 @@ impl Store for SqliteStore {
         }
         let models = serde_json::to_string(&req.models)
             .map_err(|_| StoreError::Database("encoding models".into()))?;
-        let mut tx = self.write().await?;
-        let r = async {
-            // Least recently served session first (never served = 0), then FIFO by `seq`.
-            let candidate: Option<Uuid> = sqlx::query_scalar(
-                "SELECT t.id FROM tasks t \
-                 JOIN sessions s ON s.id = t.session_id \
-                 LEFT JOIN session_service ss ON ss.session_id = t.session_id \
-                 WHERE t.state = 'queued' \
-                   AND t.model IN (SELECT value FROM json_each($1)) \
-                   AND (t.deadline_ms IS NULL OR t.deadline_ms > $2) \
-                   AND s.closed_at_ms IS NULL \
-                   AND (s.expires_at_ms IS NULL OR s.expires_at_ms > $2) \
-                   AND (NOT s.private OR EXISTS (SELECT 1 FROM session_miners m \
-                        WHERE m.session_id = s.id AND m.miner = $3)) \
-                   AND NOT ($4 AND s.allowlist_source = 'contract') \
-                 ORDER BY COALESCE(ss.last_served, 0), t.seq LIMIT 1",
-            )
-            .bind(models)
+        // Look first on a read connection, in parallel with the writer: most polls of an idle
+        // or drained queue find nothing and need not queue for the write lock. A task queued
+        // after this read announces itself with an event, which makes the poller look again.
+        let any: Option<Uuid> = sqlx::query_scalar(LEASE_CANDIDATE)
+            .bind(&models)
             .bind(req.now_ms)
             .bind(&req.miner)
             .bind(req.skip_contract_sessions)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?;
+        if any.is_none() {
+            return Ok(None);
+        }
+        let mut tx = self.write().await?;
+        let r = async {
+            let candidate: Option<Uuid> = sqlx::query_scalar(LEASE_CANDIDATE)
+                .bind(&models)
+                .bind(req.now_ms)
+                .bind(&req.miner)
+                .bind(req.skip_contract_sessions)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
             let Some(task_id) = candidate else {
                 return Ok((None, Vec::new()));
             };
@@ -849,14 +896,11 @@ impl Store for SqliteStore {
     }
 
     async fn active_lease(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<LeasedTask> {
-        // Read-only, but in one transaction so lease and task are seen together.
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let r = async {
-            let (lease, task) = active(&mut tx, lease_id, miner, now_ms).await?;
-            Ok((lease.leased_task(task)?, Vec::new()))
-        }
-        .await;
-        self.settle(tx, r).await
+        // One statement: lease and task are seen together without a transaction.
+        let (lease, task) = lease_with_task(&self.pool, lease_id).await?;
+        lease.check_holder(miner)?;
+        lease.check_active(&task, miner, now_ms)?;
+        lease.leased_task(task)
     }
 
     async fn lease_record(&self, lease_id: Uuid, miner: &str) -> Result<LeaseRecord> {
@@ -921,9 +965,8 @@ impl Store for SqliteStore {
     ) -> Result<CompleteOutcome> {
         let mut tx = self.write().await?;
         let r = async {
-            let lease = lease_row(&mut tx, lease_id).await?;
+            let (lease, task) = lease_with_task(&mut *tx, lease_id).await?;
             lease.check_holder(miner)?;
-            let task = task_row(&mut tx, lease.task_id).await?;
             if task.result.is_some() {
                 return Ok((CompleteOutcome::Duplicate(task), Vec::new()));
             }
@@ -1267,11 +1310,19 @@ impl Store for SqliteStore {
     // --- audit ------------------------------------------------------------------------------
 
     async fn audit(&self, e: &NewAuditEntry) -> Result<AuditEntry> {
-        let mut tx = self.write().await?;
-        let r = append_audit(&mut tx, e)
+        // Concurrent appends share one transaction (see `group`).
+        self.audits
+            .append(e, |batch| {
+                let store = self.clone();
+                async move {
+                    let mut tx = store.write().await?;
+                    let r = append_audits(&mut tx, &batch)
+                        .await
+                        .map(|entries| (entries, Vec::new()));
+                    store.settle(tx, r).await
+                }
+            })
             .await
-            .map(|entry| (entry, Vec::new()));
-        self.settle(tx, r).await
     }
 
     async fn audit_entries(&self, after: i64, limit: u32) -> Result<Vec<AuditEntry>> {
