@@ -368,22 +368,12 @@ pub(super) async fn append_audits(
         .execute(&mut **tx)
         .await
         .map_err(db_err)?;
-    let mut head: Option<AuditHead> =
+    let head: Option<AuditHead> =
         sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut **tx)
             .await
             .map_err(db_err)?;
-    let mut out = Vec::with_capacity(entries.len());
-    let mut details = Vec::with_capacity(entries.len());
-    for e in entries {
-        let entry = sql::next_audit_entry(head.take(), e)?;
-        head = Some(AuditHead {
-            seq: entry.seq,
-            hash: entry.hash.to_vec(),
-        });
-        details.push(sql::detail_json(e)?);
-        out.push(entry);
-    }
+    let (out, details) = sql::chain_audit_entries(head, entries)?;
     let mut insert = sqlx::QueryBuilder::<Postgres>::new(
         "INSERT INTO audit_log (seq, at_ms, actor, action, session_id, task_id, miner, \
          key_version, detail, prev_hash, hash) ",

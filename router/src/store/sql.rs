@@ -560,6 +560,26 @@ pub(super) fn next_audit_entry(head: Option<AuditHead>, e: &NewAuditEntry) -> Re
     })
 }
 
+/// Chains `entries` after `head`, in order: the entries as they will be stored, and the detail
+/// text of each.
+pub(super) fn chain_audit_entries(
+    mut head: Option<AuditHead>,
+    entries: &[NewAuditEntry],
+) -> Result<(Vec<AuditEntry>, Vec<String>)> {
+    let mut out = Vec::with_capacity(entries.len());
+    let mut details = Vec::with_capacity(entries.len());
+    for e in entries {
+        let entry = next_audit_entry(head.take(), e)?;
+        head = Some(AuditHead {
+            seq: entry.seq,
+            hash: entry.hash.to_vec(),
+        });
+        details.push(detail_json(e)?);
+        out.push(entry);
+    }
+    Ok((out, details))
+}
+
 /// The audit detail as stored: JSON text, returned verbatim by both backends.
 pub(super) fn detail_json(e: &NewAuditEntry) -> Result<String> {
     serde_json::to_string(&e.detail).map_err(|_| StoreError::Database("encoding detail".into()))
