@@ -16,6 +16,7 @@
 #   BENCH_BACKENDS   "sqlite postgres" (default both)
 #   BENCH_MINER_CONCURRENCY  tasks the miner runs at once (default 128)
 #   BENCH_OUT        also append the Markdown tables to this file
+#   TMPDIR           where the router's data directory (database, blobs) is made (mktemp)
 #
 # wrk comes from the distribution's packages (`apt-get install wrk`), installed when missing;
 # PostgreSQL is started as in the test script (scripts/lib/postgres.sh).

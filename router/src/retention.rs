@@ -17,6 +17,10 @@ use crate::store::{BlobKind, DeletionReason, DueDeletion, NewAuditEntry};
 /// Blobs handled per store query.
 const BATCH: u32 = 256;
 
+/// How long a woken sweeper waits for more deliveries before its pass, so that a busy router
+/// sweeps a few times a second rather than once per delivery (each pass queries the store).
+const WAKE_GATHER: Duration = Duration::from_millis(100);
+
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
@@ -40,6 +44,8 @@ pub async fn sweep(state: &AppState, now_ms: i64) -> crate::store::Result<SweepR
     let mut failed_urns = std::collections::HashSet::new();
     loop {
         let due = state.store.due_deletions(now_ms, BATCH).await?;
+        // A short batch was everything due: no need to ask again.
+        let last = due.len() < BATCH as usize;
         let fresh: Vec<DueDeletion> = due
             .into_iter()
             .filter(|d| !failed_urns.contains(&d.urn))
@@ -68,7 +74,7 @@ pub async fn sweep(state: &AppState, now_ms: i64) -> crate::store::Result<SweepR
                 }
             }
         }
-        if !progressed {
+        if !progressed || last {
             return Ok(report);
         }
     }
@@ -103,14 +109,16 @@ async fn delete_one(state: &AppState, d: &DueDeletion, now_ms: i64) -> anyhow::R
     Ok(recorded)
 }
 
-/// Runs [`sweep`] every `retention_sweep_interval_ms`, and at once when woken
-/// ([`crate::state::Inner::retention_wake`]).
+/// Runs [`sweep`] every `retention_sweep_interval_ms`, and shortly ([`WAKE_GATHER`]) after
+/// being woken ([`crate::state::Inner::retention_wake`]).
 pub async fn sweeper(state: AppState) {
     let period = Duration::from_millis(state.cfg.retention_sweep_interval_ms);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
-            _ = state.retention_wake.notified() => {}
+            _ = state.retention_wake.notified() => {
+                tokio::time::sleep(WAKE_GATHER.min(period)).await;
+            }
         }
         if let Err(e) = sweep(&state, crate::state::now_ms()).await {
             tracing::warn!(error = %e, "retention pass failed");

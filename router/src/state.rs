@@ -34,6 +34,8 @@ pub struct Inner {
     pub miner_sessions: crate::auth::MinerSessionCache,
     /// In-process relay of sealed result frames to streaming callers.
     pub relay: Relay,
+    /// Results stored through this replica, awaiting their `TaskResult`.
+    pub stored_results: StoredResults,
     /// Prometheus exposition.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The on-chain ACL, when configured.
@@ -63,6 +65,7 @@ impl AppState {
             limits: Limits::default(),
             miner_sessions: Default::default(),
             relay: Relay::default(),
+            stored_results: StoredResults::default(),
             metrics,
             acl,
             retention_wake: tokio::sync::Notify::new(),
@@ -443,6 +446,49 @@ pub enum RelayMsg {
     Abort,
 }
 
+/// A result blob this replica stored for a lease: what the complete handler would otherwise
+/// read back from the blob store to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResult {
+    pub urn: String,
+    pub sha256: [u8; 32],
+    pub size: u64,
+}
+
+/// Results stored through this replica, by lease, until their `TaskResult` arrives. The upload
+/// computed the hash of every byte it stored and checked the envelope header against the
+/// lease's task, so a `TaskResult` that names the same URN and hash needs no read-back. A
+/// `TaskResult` sent to another replica, or after this one forgot (restart, overflow), is
+/// checked against the blob store as before.
+#[derive(Debug, Default)]
+pub struct StoredResults {
+    map: std::sync::Mutex<std::collections::HashMap<Uuid, StoredResult>>,
+}
+
+/// Leases remembered at most; a full table is emptied (its leases fall back to the read-back).
+const STORED_RESULTS: usize = 4096;
+
+impl StoredResults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, StoredResult>> {
+        // The map holds no invariant a panic could break.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers the result stored for `lease_id` (a later upload on the same lease replaces it).
+    pub fn insert(&self, lease_id: Uuid, r: StoredResult) {
+        let mut map = self.lock();
+        if map.len() >= STORED_RESULTS && !map.contains_key(&lease_id) {
+            map.clear();
+        }
+        map.insert(lease_id, r);
+    }
+
+    /// The result stored for `lease_id`, forgotten as it is answered.
+    pub fn take(&self, lease_id: &Uuid) -> Option<StoredResult> {
+        self.lock().remove(lease_id)
+    }
+}
+
 /// Per-task broadcast channels of sealed result bytes. A caller subscribes before its task is
 /// queued; the upload handler publishes if anyone listens. Callers on another replica, or that
 /// fall behind, read the stored result once it is complete instead.
@@ -454,13 +500,27 @@ pub struct Relay {
 /// Capacity of one task's relay channel, in messages.
 const RELAY_CAPACITY: usize = 1024;
 
+/// Capacity of a relay channel opened to keep a copy of a result (not streamed), in messages:
+/// a copy that falls behind is given up and the result read from the store instead.
+const CAPTURE_CAPACITY: usize = 64;
+
 impl Relay {
     /// Subscribes to a task's result frames.
     pub fn subscribe(&self, task: Uuid) -> RelaySubscription {
+        self.subscribe_with(task, RELAY_CAPACITY)
+    }
+
+    /// Subscribes to keep a copy of a task's sealed result as it is uploaded (see
+    /// [`Captured`]).
+    pub fn capture(&self, task: Uuid) -> RelaySubscription {
+        self.subscribe_with(task, CAPTURE_CAPACITY)
+    }
+
+    fn subscribe_with(&self, task: Uuid, capacity: usize) -> RelaySubscription {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let rx = map
             .entry(task)
-            .or_insert_with(|| broadcast::channel(RELAY_CAPACITY).0)
+            .or_insert_with(|| broadcast::channel(capacity).0)
             .subscribe();
         RelaySubscription {
             channels: self.channels.clone(),
@@ -473,6 +533,54 @@ impl Relay {
     pub fn sender(&self, task: &Uuid) -> Option<broadcast::Sender<RelayMsg>> {
         let map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         map.get(task).cloned()
+    }
+}
+
+/// A copy of a task's sealed result, assembled from relay messages: the bytes of the last
+/// upload attempt if it ended, nothing if a message was missed or the copy outgrew `limit`.
+/// Whoever uses it still checks it against the task's result hash.
+#[derive(Debug)]
+pub struct Captured {
+    bytes: Vec<u8>,
+    ended: bool,
+    broken: bool,
+    limit: usize,
+}
+
+impl Captured {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            bytes: Vec::new(),
+            ended: false,
+            broken: false,
+            limit,
+        }
+    }
+
+    /// Takes in one relay message (or a receive error: something was missed).
+    pub fn push(&mut self, msg: Result<RelayMsg, broadcast::error::RecvError>) {
+        match msg {
+            Ok(RelayMsg::Start { .. }) | Ok(RelayMsg::Abort) => {
+                self.bytes.clear();
+                self.ended = false;
+            }
+            Ok(RelayMsg::Bytes(b)) => {
+                if self.bytes.len() + b.len() > self.limit {
+                    self.broken = true;
+                    self.bytes = Vec::new();
+                } else if !self.broken {
+                    self.bytes.extend_from_slice(&b);
+                }
+            }
+            Ok(RelayMsg::End) => self.ended = true,
+            Err(broadcast::error::RecvError::Lagged(_)) => self.broken = true,
+            Err(broadcast::error::RecvError::Closed) => {}
+        }
+    }
+
+    /// The whole blob of an upload that ended, if nothing was missed.
+    pub fn into_blob(self) -> Option<Vec<u8>> {
+        (self.ended && !self.broken).then_some(self.bytes)
     }
 }
 
@@ -503,4 +611,57 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(b: &'static [u8]) -> Result<RelayMsg, broadcast::error::RecvError> {
+        Ok(RelayMsg::Bytes(bytes::Bytes::from_static(b)))
+    }
+
+    fn start() -> Result<RelayMsg, broadcast::error::RecvError> {
+        Ok(RelayMsg::Start {
+            lease_id: Uuid::now_v7(),
+        })
+    }
+
+    #[test]
+    fn a_captured_result_is_the_last_upload_that_ended() {
+        let mut c = Captured::new(100);
+        for m in [start(), bytes(b"first"), Ok(RelayMsg::Abort), start()] {
+            c.push(m);
+        }
+        for m in [bytes(b"sec"), bytes(b"ond"), Ok(RelayMsg::End)] {
+            c.push(m);
+        }
+        assert_eq!(c.into_blob().as_deref(), Some(&b"second"[..]));
+
+        let mut c = Captured::new(100);
+        c.push(start());
+        c.push(bytes(b"unfinished"));
+        assert_eq!(c.into_blob(), None, "no End: not a whole blob");
+    }
+
+    #[test]
+    fn a_capture_that_missed_something_or_outgrew_its_limit_is_given_up() {
+        let mut c = Captured::new(100);
+        for m in [
+            start(),
+            bytes(b"a"),
+            Err(broadcast::error::RecvError::Lagged(3)),
+            bytes(b"b"),
+            Ok(RelayMsg::End),
+        ] {
+            c.push(m);
+        }
+        assert_eq!(c.into_blob(), None);
+
+        let mut c = Captured::new(4);
+        for m in [start(), bytes(b"abc"), bytes(b"de"), Ok(RelayMsg::End)] {
+            c.push(m);
+        }
+        assert_eq!(c.into_blob(), None);
+    }
 }

@@ -663,12 +663,30 @@ async fn run_task(env: &Env, m: &SimMiner, l: &Lease) -> Vec<u8> {
         .await;
     assert_eq!(up.status, StatusCode::CREATED);
     let receipt = up.json();
+    let urn = receipt["urn"].as_str().unwrap().to_string();
+    let (st, v) = complete(env, m, l, sha256(&out), &urn).await;
+    assert_eq!(
+        (st, v["status"].as_str()),
+        (StatusCode::OK, Some("accepted")),
+        "{v}"
+    );
+    out
+}
+
+/// Submits a signed `TaskResult` naming `result_hash` and `result_urn` for the lease.
+async fn complete(
+    env: &Env,
+    m: &SimMiner,
+    l: &Lease,
+    result_hash: [u8; 32],
+    result_urn: &str,
+) -> (StatusCode, Value) {
     let tr = TaskResult {
         session_id: l.session_id,
         task_id: l.task_id,
         prompt_hash: l.prompt_hash,
-        result_hash: Hex32(sha256(&out)),
-        result_urn: receipt["urn"].as_str().unwrap().into(),
+        result_hash: Hex32(result_hash),
+        result_urn: result_urn.into(),
     };
     let body = json!(CompleteRequest {
         result: sign(env, tr, &m.wallet),
@@ -678,20 +696,13 @@ async fn run_task(env: &Env, m: &SimMiner, l: &Lease) -> Vec<u8> {
         },
         finish_reason: "stop".into(),
     });
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/api/miner/leases/{}/complete", l.lease_id),
-            Some(&m.token),
-            Some(body),
-        )
-        .await;
-    assert_eq!(
-        (st, v["status"].as_str()),
-        (StatusCode::OK, Some("accepted")),
-        "{v}"
-    );
-    out
+    env.call(
+        "POST",
+        &format!("/api/miner/leases/{}/complete", l.lease_id),
+        Some(&m.token),
+        Some(body),
+    )
+    .await
 }
 
 /// Asserts that a sealed result opens with `k_task` to the text the simulated miner sealed.
@@ -1849,6 +1860,81 @@ async fn a_stream_opened_after_a_fast_miner_still_gets_the_relayed_pieces() {
     assert!(!l.params.stream);
     let stored = run_task(&env, &miner, &l).await;
     streams_stored_blob(&env, &c.token, task, &stored).await;
+}
+
+/// A `TaskResult` is accepted only for the blob its lease uploaded: a hash other than the
+/// uploaded bytes', or another task's result blob, is refused and leaves the task open; the
+/// right one is then accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_result_must_name_its_own_uploaded_blob() {
+    let env = Env::new().await;
+    let mut c = open(&env, &[]).await;
+    let k_session = session_key(&env, &mut c).await;
+    let miner = miner_login(&env, PrivateKeySigner::random()).await;
+    let (first, _, _) = queued_task(&env, &c, &k_session).await;
+    let l1 = lease(&env, &miner).await;
+    let stored = run_task(&env, &miner, &l1).await;
+    let other_urn = env
+        .state
+        .store
+        .get_task(first)
+        .await
+        .unwrap()
+        .result
+        .unwrap()
+        .result_urn;
+
+    let (task, k_task, _) = queued_task(&env, &c, &k_session).await;
+    let l = lease(&env, &miner).await;
+    assert_eq!(l.task_id, task);
+    let kid = KeyId::task(1, l.session_id, l.task_id);
+    let sealed = veil_keys::seal(
+        &k_task,
+        &BlobParams::new(kid, Purpose::Result),
+        RESULT_TEXT.as_bytes(),
+    )
+    .unwrap();
+    let up = env
+        .raw(
+            "PUT",
+            &format!("/api/miner/leases/{}/result", l.lease_id),
+            Some(&miner.token),
+            &[("content-type", "application/octet-stream")],
+            Body::from(sealed.clone()),
+        )
+        .await;
+    assert_eq!(up.status, StatusCode::CREATED);
+    let urn = up.json()["urn"].as_str().unwrap().to_string();
+
+    let got = complete(&env, &miner, &l, sha256(b"not these bytes"), &urn).await;
+    refused(
+        &got,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "blob_hash_mismatch",
+        "result.message.resultHash",
+    );
+    let got = complete(&env, &miner, &l, sha256(&stored), &other_urn).await;
+    refused(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "result.message.resultUrn",
+    );
+    let t = env.state.store.get_task(task).await.unwrap();
+    assert_eq!((t.state.as_str(), t.result.is_none()), ("leased", true));
+
+    let (st, v) = complete(&env, &miner, &l, sha256(&sealed), &urn).await;
+    assert_eq!(
+        (st, v["status"].as_str()),
+        (StatusCode::OK, Some("accepted")),
+        "{v}"
+    );
+    let t = env.state.store.get_task(task).await.unwrap();
+    let r = t.result.expect("completed");
+    assert_eq!(
+        (r.result_urn.as_str(), r.result_hash),
+        (urn.as_str(), sha256(&sealed))
+    );
 }
 
 /// A plain HTTP/1.1 request to a presigned URL of the loopback S3 server (the router's tests

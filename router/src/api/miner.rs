@@ -26,7 +26,7 @@ use veil_keys::{Header, Purpose, Scope, X25519Public};
 use super::admin::parse_uuid;
 use crate::auth::{MINER_TOKEN_PREFIX, Miner, new_secret};
 use crate::error::{ApiError, ApiResult, Json};
-use crate::state::{AppState, RelayMsg, now_ms};
+use crate::state::{AppState, RelayMsg, StoredResult, now_ms};
 use crate::store::{
     CompleteOutcome, LeaseQuery, LeasedTask, NewAuditEntry, NewMinerSession, StoreError,
     StoreEvent, TaskResultRecord,
@@ -706,8 +706,7 @@ async fn result(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<BlobReceipt>)> {
     let lease_id = lease_path(&id)?;
-    let rec = state.store.lease_record(lease_id, &m.miner).await?;
-    let task = state.store.get_task(rec.task_id).await?;
+    let (_, task) = state.store.held_lease(lease_id, &m.miner).await?;
     if task.state.is_final() {
         return Err(ApiError::conflict(
             "task_final",
@@ -733,6 +732,14 @@ async fn result(
             if let Some(tx) = &relay {
                 let _ = tx.send(RelayMsg::End);
             }
+            state.stored_results.insert(
+                lease_id,
+                StoredResult {
+                    urn: receipt.urn.clone(),
+                    sha256: receipt.sha256.0,
+                    size: receipt.size,
+                },
+            );
             audit(
                 &state,
                 NewAuditEntry {
@@ -885,8 +892,7 @@ async fn complete(
         )
         .param("result.signature"));
     }
-    let rec = state.store.lease_record(lease_id, &m.miner).await?;
-    let task = state.store.get_task(rec.task_id).await?;
+    let (_, task) = state.store.held_lease(lease_id, &m.miner).await?;
     let msg = &req.result.message;
     if msg.task_id != task.id || msg.session_id != task.session_id {
         return Err(ApiError::invalid(
@@ -928,23 +934,32 @@ async fn complete(
             "the URN names another blob store than this router's",
         ));
     }
-    // Read the blob back through the hash check, and check its header, in bounded memory.
-    let check_error =
-        |e| blob_error("checking the result blob", e).param("result.message.resultHash");
-    let stream = state
-        .blobs
-        .get_stream(&urn, &msg.result_hash.0)
-        .await
-        .map_err(check_error)?;
-    let size = stream.size();
-    let head = read_head(stream, check_error).await?;
-    let h = Header::parse(&head).map_err(|e| {
-        ApiError::invalid(
-            "result.message.resultUrn",
-            format!("not a sealed blob: {}", e.code()),
-        )
-    })?;
-    check_result_header(&h, &task).map_err(|e| e.param("result.message.resultUrn"))?;
+    let size = match state.stored_results.take(&lease_id) {
+        // Stored through this replica for this lease: its hash and header were checked as it
+        // was stored.
+        Some(r) if r.urn == msg.result_urn && r.sha256 == msg.result_hash.0 => r.size,
+        _ => {
+            // Read the blob back through the hash check, and check its header, in bounded
+            // memory.
+            let check_error =
+                |e| blob_error("checking the result blob", e).param("result.message.resultHash");
+            let stream = state
+                .blobs
+                .get_stream(&urn, &msg.result_hash.0)
+                .await
+                .map_err(check_error)?;
+            let size = stream.size();
+            let head = read_head(stream, check_error).await?;
+            let h = Header::parse(&head).map_err(|e| {
+                ApiError::invalid(
+                    "result.message.resultUrn",
+                    format!("not a sealed blob: {}", e.code()),
+                )
+            })?;
+            check_result_header(&h, &task).map_err(|e| e.param("result.message.resultUrn"))?;
+            size
+        }
+    };
     let record = TaskResultRecord {
         result_urn: msg.result_urn.clone(),
         result_hash: msg.result_hash.0,

@@ -987,7 +987,12 @@ async fn complete_request(
         .record(t_put.elapsed().as_secs_f64());
 
     // Subscribe before queueing so no frame or event is missed.
-    let relay = v.params.stream.then(|| state.relay.subscribe(task_id));
+    let relay = if v.params.stream {
+        state.relay.subscribe(task_id)
+    } else {
+        // A copy of the result as the miner uploads it spares reading it back.
+        state.relay.capture(task_id)
+    };
     let events = state.store.subscribe();
     let now = now_ms();
     let t_queue = std::time::Instant::now();
@@ -1032,16 +1037,44 @@ async fn complete_request(
         model: v.model.clone(),
         include_usage: v.include_usage,
     };
-    if let Some(relay) = relay {
+    if v.params.stream {
         return Ok(stream_response(
             state, caller, task, k_task, relay, events, timeout, shape,
         ));
     }
-    let done = wait_final(&state, task_id, events, timeout).await?;
+    let mut relay = relay;
+    let mut captured = crate::state::Captured::new(state.cfg.max_blob_bytes as usize);
+    let done = {
+        let copying = async {
+            loop {
+                let msg = relay.rx.recv().await;
+                let closed = matches!(msg, Err(RecvError::Closed));
+                captured.push(msg);
+                if closed {
+                    futures::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            done = wait_final(&state, task_id, events, timeout, Some(task)) => done?,
+            _ = copying => unreachable!("copying never ends"),
+        }
+    };
+    // What arrived before the task's end was seen.
+    loop {
+        match relay.rx.try_recv() {
+            Ok(msg) => captured.push(Ok(msg)),
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                captured.push(Err(RecvError::Lagged(n)))
+            }
+            Err(_) => break,
+        }
+    }
+    drop(relay);
     let Some(done) = done else {
         return Err(timeout_error(task_id));
     };
-    let r = answer(&state, &done, &k_task, &shape).await?;
+    let r = answer(&state, &done, &k_task, &shape, captured.into_blob()).await?;
     metrics::histogram!("veil_router_step_seconds", "step" => "total")
         .record(t0.elapsed().as_secs_f64());
     drop(caller);
@@ -1078,16 +1111,22 @@ fn timeout_error(task_id: Uuid) -> ApiError {
     e
 }
 
-/// Waits until the task is final (on any replica), or `timeout`.
+/// Waits until the task is final (on any replica), or `timeout`. `known` is the task as the
+/// caller last read it after subscribing `events`, if it did (it is not read again until an
+/// event or a poll says it may have changed).
 pub(super) async fn wait_final(
     state: &AppState,
     task_id: Uuid,
     mut events: tokio::sync::broadcast::Receiver<StoreEvent>,
     timeout: Duration,
+    mut known: Option<Task>,
 ) -> ApiResult<Option<Task>> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let t = state.store.get_task(task_id).await?;
+        let t = match known.take() {
+            Some(t) => t,
+            None => state.store.get_task(task_id).await?,
+        };
         if t.state.is_final() {
             return Ok(Some(t));
         }
@@ -1135,6 +1174,7 @@ async fn open_result(
     state: &AppState,
     task: &Task,
     k_task: &SecretKey,
+    copy: Option<Vec<u8>>,
 ) -> ApiResult<zeroize::Zeroizing<String>> {
     let r = task
         .result
@@ -1144,14 +1184,21 @@ async fn open_result(
         .result_urn
         .parse()
         .map_err(|e| ApiError::internal("parsing a result URN", e))?;
-    let t_get = std::time::Instant::now();
-    let blob = state
-        .blobs
-        .get(&urn, &r.result_hash)
-        .await
-        .map_err(|e| super::miner::blob_error("reading the result", e))?;
-    metrics::histogram!("veil_router_step_seconds", "step" => "result_get")
-        .record(t_get.elapsed().as_secs_f64());
+    let blob = match copy {
+        // The copy relayed from the upload, byte for byte what was stored.
+        Some(b) if <[u8; 32]>::from(Sha256::digest(&b)) == r.result_hash => bytes::Bytes::from(b),
+        _ => {
+            let t_get = std::time::Instant::now();
+            let blob = state
+                .blobs
+                .get(&urn, &r.result_hash)
+                .await
+                .map_err(|e| super::miner::blob_error("reading the result", e))?;
+            metrics::histogram!("veil_router_step_seconds", "step" => "result_get")
+                .record(t_get.elapsed().as_secs_f64());
+            blob
+        }
+    };
     let t = std::time::Instant::now();
     let opened = veil_keys::open(k_task, &blob).map_err(|e| {
         ApiError::new(
@@ -1226,6 +1273,7 @@ async fn answer(
     task: &Task,
     k_task: &SecretKey,
     shape: &Shape,
+    copy: Option<Vec<u8>>,
 ) -> ApiResult<Response> {
     if task.state != TaskState::Completed {
         return Err(task_error(task));
@@ -1233,7 +1281,7 @@ async fn answer(
     if task.result_deleted_at_ms.is_some() {
         return Err(result_deleted(task));
     }
-    let text = open_result(state, task, k_task).await?;
+    let text = open_result(state, task, k_task, copy).await?;
     delivered(state, task).await;
     let r = task.result.as_ref().expect("completed");
     let created = task.created_at_ms / 1000;
@@ -1478,7 +1526,7 @@ async fn finish_stream(
     if !(relay_complete && relayed_hash == r.result_hash) {
         // Frames came from another replica, were missed, or belong to an attempt that lost:
         // continue from the stored result, which is the one that stands.
-        let text = open_result(state, done, k_task).await?;
+        let text = open_result(state, done, k_task, None).await?;
         let bytes = text.as_bytes();
         if emitted > bytes.len() {
             return Err(ApiError::new(
@@ -1563,7 +1611,7 @@ async fn task(
         // Legacy-prompt tasks answer in the legacy shape; the shape is not stored, so the
         // chat shape is used for both (the text is the same).
         shape.chat = true;
-        let mut r = answer(&state, &t, &k, &shape).await?;
+        let mut r = answer(&state, &t, &k, &shape, None).await?;
         r.headers_mut()
             .insert("x-veil-task-state", "completed".parse().expect("ascii"));
         return Ok(r);

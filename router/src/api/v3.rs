@@ -1298,7 +1298,15 @@ async fn task(
     let events = state.store.subscribe();
     let mut t = reader_task(&state, &reader, id).await?;
     if wait_ms > 0 && !t.state.is_final() {
-        t = match super::v2::wait_final(&state, id, events, Duration::from_millis(wait_ms)).await? {
+        t = match super::v2::wait_final(
+            &state,
+            id,
+            events,
+            Duration::from_millis(wait_ms),
+            Some(t.clone()),
+        )
+        .await?
+        {
             Some(done) => done,
             None => state.store.get_task(id).await?,
         };

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+mod conns;
 mod group;
 mod lifecycle;
 mod model;
@@ -170,6 +171,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn active_lease(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<LeasedTask>;
     /// A lease record regardless of validity (for late result submission), if `miner` held it.
     async fn lease_record(&self, lease_id: Uuid, miner: &str) -> Result<LeaseRecord>;
+    /// A lease record regardless of validity, if `miner` held it, and its task as it is now,
+    /// read together.
+    async fn held_lease(&self, lease_id: Uuid, miner: &str) -> Result<(LeaseRecord, Task)>;
     /// Gives a lease back: the task is queued again (attempt not counted as failed).
     async fn release(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<()>;
     /// Fails the task of a lease for good (`failed`, with code and message).

@@ -82,6 +82,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No round trip to the server before each use: a connection that died while idle
+            // fails its next statement (one failed request) and sqlx's check when it is given
+            // back removes it from the pool.
+            .test_before_acquire(false)
             .connect(url)
             .await
             .map_err(db_err)?;
@@ -953,6 +957,17 @@ impl Store for PgStore {
         let lease = found(row, "lease")?;
         lease.check_holder(miner)?;
         lease.record()
+    }
+
+    async fn held_lease(&self, lease_id: Uuid, miner: &str) -> Result<(LeaseRecord, Task)> {
+        let row = sqlx::query_as::<_, sql::LeaseTaskRow>(sql::LEASE_WITH_TASK)
+            .bind(lease_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let (lease, task) = found(row, "lease")?.split()?;
+        lease.check_holder(miner)?;
+        Ok((lease.record()?, task))
     }
 
     async fn release(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<()> {

@@ -89,18 +89,35 @@ pub(super) const DUE_DELETIONS: &str = "\
 pub(super) const MARK_DELIVERED: &str = "UPDATE tasks SET delivered_at_ms = $2 \
     WHERE id = $1 AND delivered_at_ms IS NULL AND result_urn IS NOT NULL";
 
+macro_rules! mark_prompt_deleted {
+    () => {
+        "UPDATE tasks SET prompt_deleted_at_ms = $2 \
+         WHERE id = $1 AND prompt_deleted_at_ms IS NULL AND prompt_urn = $3"
+    };
+}
+macro_rules! mark_result_deleted {
+    () => {
+        "UPDATE tasks SET result_deleted_at_ms = $2 \
+         WHERE id = $1 AND result_deleted_at_ms IS NULL AND result_urn = $3"
+    };
+}
+
 /// Records a blob's deletion unless already recorded or the task has moved on to another blob;
 /// `$1` task, `$2` time, `$3` the URN deleted.
 pub(super) fn mark_deleted_sql(kind: BlobKind) -> &'static str {
     match kind {
-        BlobKind::Prompt => {
-            "UPDATE tasks SET prompt_deleted_at_ms = $2 \
-             WHERE id = $1 AND prompt_deleted_at_ms IS NULL AND prompt_urn = $3"
-        }
-        BlobKind::Result => {
-            "UPDATE tasks SET result_deleted_at_ms = $2 \
-             WHERE id = $1 AND result_deleted_at_ms IS NULL AND result_urn = $3"
-        }
+        BlobKind::Prompt => mark_prompt_deleted!(),
+        BlobKind::Result => mark_result_deleted!(),
+    }
+}
+
+/// [`mark_deleted_sql`] after a `BEGIN IMMEDIATE` (SQLite, one round trip for both), returning
+/// the task's id when it recorded the deletion. (Rows, not a count: SQLite's change count
+/// after `BEGIN` is the previous statement's, so a summed count would be wrong.)
+pub(super) fn begin_mark_deleted_sql(kind: BlobKind) -> &'static str {
+    match kind {
+        BlobKind::Prompt => concat!("BEGIN IMMEDIATE; ", mark_prompt_deleted!(), " RETURNING id"),
+        BlobKind::Result => concat!("BEGIN IMMEDIATE; ", mark_result_deleted!(), " RETURNING id"),
     }
 }
 
@@ -214,6 +231,23 @@ impl SessionRow {
     }
 }
 
+/// A session row with its allowed miners as a JSON array in list order (a `miners` column),
+/// so that a session is read in one statement.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct SessionMinersRow {
+    #[sqlx(flatten)]
+    session: SessionRow,
+    miners: String,
+}
+
+impl SessionMinersRow {
+    pub(super) fn into_session(self) -> Result<Session> {
+        let miners: Vec<String> =
+            serde_json::from_str(&self.miners).map_err(|_| corrupt("session_miners"))?;
+        self.session.into_session(miners)
+    }
+}
+
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct TaskRow {
     id: Uuid,
@@ -308,9 +342,15 @@ impl TaskRow {
 
 /// A lease and its task in one statement, for both backends: the lease's columns are renamed
 /// (`l_…`) because `tasks` has columns of the same names.
-pub(super) const LEASE_WITH_TASK: &str = "SELECT l.lease_id AS l_lease_id, l.task_id AS l_task_id, \
-     l.miner AS l_miner, l.attempt AS l_attempt, l.expires_at_ms AS l_expires_at_ms, t.* \
-     FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.lease_id = $1";
+macro_rules! lease_with_task {
+    () => {
+        "SELECT l.lease_id AS l_lease_id, l.task_id AS l_task_id, l.miner AS l_miner, \
+         l.attempt AS l_attempt, l.expires_at_ms AS l_expires_at_ms, t.* \
+         FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.lease_id = $1"
+    };
+}
+pub(super) use lease_with_task;
+pub(super) const LEASE_WITH_TASK: &str = lease_with_task!();
 
 /// A row of [`LEASE_WITH_TASK`].
 #[derive(Debug, sqlx::FromRow)]

@@ -1,11 +1,15 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
-//! Every state change runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single
-//! write lock up front, so leases are exclusive and the audit chain linear. Within a process,
-//! writers go through one dedicated connection and queue for it in order (SQLite's own busy
-//! handler waits by sleeping, which wastes most of the time under load); reads use a separate
-//! pool and run in parallel with the writer (WAL). Other processes on the same file still
-//! queue on the busy timeout. Events are published in-process, after the commit.
+//! Every state change runs in a `BEGIN IMMEDIATE` transaction (or is a single statement), which
+//! takes SQLite's single write lock up front, so leases are exclusive and the audit chain
+//! linear. Within a process, writers go through one dedicated connection and queue for it in
+//! order (SQLite's own busy handler waits by sleeping, which wastes most of the time under
+//! load); reads use a few connections of their own and run in parallel with the writer (WAL).
+//! The connections are held here rather than in sqlx's pool (see [`super::conns`]), and the
+//! busiest transactions send `BEGIN` and `COMMIT` together with their first and last
+//! statements: every round trip to a connection's thread counts under load. Other processes on
+//! the same file still queue on the busy timeout. Events are published in-process, after the
+//! commit.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -14,10 +18,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{Sqlite, Transaction};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Sqlite};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -33,6 +35,7 @@ use super::{
     SealingPolicy, Session, Store, StoreError, StoreEvent, Task, TaskResultRecord, TaskState,
 };
 
+use super::conns::{Conn, Conns, WriteTx};
 use super::group::AuditGroup;
 use super::lifecycle;
 
@@ -44,33 +47,38 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The next task a miner may lease: least recently served session first (never served = 0),
 /// then FIFO by `seq`. Binds: models (JSON array), now, miner, skip contract sessions.
-const LEASE_CANDIDATE: &str = "SELECT t.id FROM tasks t \
-    JOIN sessions s ON s.id = t.session_id \
-    LEFT JOIN session_service ss ON ss.session_id = t.session_id \
-    WHERE t.state = 'queued' \
-      AND t.model IN (SELECT value FROM json_each($1)) \
-      AND (t.deadline_ms IS NULL OR t.deadline_ms > $2) \
-      AND s.closed_at_ms IS NULL \
-      AND (s.expires_at_ms IS NULL OR s.expires_at_ms > $2) \
-      AND (NOT s.private OR EXISTS (SELECT 1 FROM session_miners m \
-           WHERE m.session_id = s.id AND m.miner = $3)) \
-      AND NOT ($4 AND s.allowlist_source = 'contract') \
-    ORDER BY COALESCE(ss.last_served, 0), t.seq LIMIT 1";
+macro_rules! lease_candidate {
+    () => {
+        "SELECT t.id FROM tasks t \
+            JOIN sessions s ON s.id = t.session_id \
+            LEFT JOIN session_service ss ON ss.session_id = t.session_id \
+            WHERE t.state = 'queued' \
+              AND t.model IN (SELECT value FROM json_each($1)) \
+              AND (t.deadline_ms IS NULL OR t.deadline_ms > $2) \
+              AND s.closed_at_ms IS NULL \
+              AND (s.expires_at_ms IS NULL OR s.expires_at_ms > $2) \
+              AND (NOT s.private OR EXISTS (SELECT 1 FROM session_miners m \
+                   WHERE m.session_id = s.id AND m.miner = $3)) \
+              AND NOT ($4 AND s.allowlist_source = 'contract') \
+            ORDER BY COALESCE(ss.last_served, 0), t.seq LIMIT 1"
+    };
+}
+const LEASE_CANDIDATE: &str = lease_candidate!();
 
 /// How long a writer waits for the write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read connections per store (WAL readers run in parallel with the writer).
-const MAX_CONNECTIONS: u32 = 8;
+const READERS: usize = 4;
 /// Buffered events per subscriber before it lags.
 const EVENT_CAPACITY: usize = 1024;
 
 /// [`Store`] on an SQLite database file (or in memory, for tests).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    /// Reads.
-    pool: SqlitePool,
+    /// Reads (the same connection as `writer` for an in-memory database).
+    readers: Arc<Conns>,
     /// Writes: one connection, so in-process writers queue in order instead of on the lock.
-    writer: SqlitePool,
+    writer: Arc<Conns>,
     /// Audit appends waiting to share a transaction.
     audits: Arc<AuditGroup>,
     events: broadcast::Sender<StoreEvent>,
@@ -85,34 +93,25 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let (pool, writer) = if in_memory {
-            // Every connection of an in-memory database must stay open, or its data goes.
-            let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .connect_with(opts)
-                .await
-                .map_err(db_err)?;
-            (pool.clone(), pool)
+        let (readers, writer) = if in_memory {
+            // An in-memory database lives as long as its one connection.
+            let conns = Arc::new(Conns::new(vec![opts.connect().await.map_err(db_err)?]));
+            (conns.clone(), conns)
         } else {
             create_private_file(opts.get_filename())?;
             let opts = opts
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal);
+                .synchronous(SqliteSynchronous::Normal)
+                // Checkpoint every 64 MiB of WAL instead of 4 MiB: a busy queue rewrites the
+                // same few pages, and each checkpoint copies (and syncs) them once.
+                .pragma("wal_autocheckpoint", "16384");
             // Switching a new file to WAL needs a moment alone with it; when another process
             // (or store) opens it at the same time, SQLite answers "busy" without waiting.
             let mut tries = 0u32;
             let writer = loop {
-                match SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .min_connections(1)
-                    .connect_with(opts.clone())
-                    .await
-                {
-                    Ok(pool) => break pool,
+                match opts.connect().await {
+                    Ok(conn) => break conn,
                     Err(e) if is_busy(&e) && tries < 20 => {
                         tries += 1;
                         tokio::time::sleep(Duration::from_millis(10 * u64::from(tries))).await;
@@ -120,33 +119,36 @@ impl SqliteStore {
                     Err(e) => return Err(db_err(e)),
                 }
             };
-            let pool = SqlitePoolOptions::new()
-                .max_connections(MAX_CONNECTIONS)
-                .connect_with(opts)
-                .await
-                .map_err(db_err)?;
-            (pool, writer)
+            let mut readers = Vec::with_capacity(READERS);
+            for _ in 0..READERS {
+                readers.push(opts.connect().await.map_err(db_err)?);
+            }
+            (
+                Arc::new(Conns::new(readers)),
+                Arc::new(Conns::new(vec![writer])),
+            )
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(Self {
-            pool,
+            readers,
             writer,
             audits: Arc::default(),
             events,
         })
     }
 
+    /// A read connection (WAL readers run in parallel with the writer).
+    async fn read(&self) -> Result<Conn> {
+        self.readers.take().await
+    }
+
     /// A write transaction holding SQLite's write lock from its first statement.
-    async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_err)
+    async fn write(&self) -> Result<Tx> {
+        self.writer.begin("BEGIN IMMEDIATE").await
     }
 
     /// Ends a transaction: commits it and publishes the events of a successful body, or rolls
-    /// it back at once after an error (a dropped transaction would keep its locks until the
-    /// pool gets round to resetting the connection).
+    /// it back at once after an error.
     async fn settle<T>(&self, tx: Tx, r: Result<(T, Vec<StoreEvent>)>) -> Result<T> {
         match r {
             Ok((value, events)) => {
@@ -202,7 +204,7 @@ fn create_private_file(path: &Path) -> Result<()> {
     }
 }
 
-type Tx = Transaction<'static, Sqlite>;
+type Tx = WriteTx;
 
 async fn session_row(tx: &mut Tx, id: Uuid) -> Result<SessionRow> {
     let row = sqlx::query_as::<_, SessionRow>(concat!(
@@ -304,24 +306,50 @@ async fn finish(
 /// Appends `e` to the audit hash chain inside `tx`, so that it commits with the change it
 /// records or not at all.
 pub(super) async fn append_audit(tx: &mut Tx, e: &NewAuditEntry) -> Result<AuditEntry> {
-    let mut out = append_audits(tx, std::slice::from_ref(e)).await?;
+    let mut out = append_audits(tx, std::slice::from_ref(e), AuditTx::Inside).await?;
     out.pop()
         .ok_or_else(|| StoreError::Database("audit entry not written".into()))
+}
+
+/// How [`append_audits`] fits into its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AuditTx {
+    /// Inside a transaction the caller ends.
+    Inside,
+    /// Its statements also end the transaction: the insert is followed by `COMMIT`.
+    Commits,
+    /// The transaction was begun deferred ([`Conns::begin_deferred`]): its statements begin it
+    /// (`BEGIN IMMEDIATE` before the first) and commit it. One round trip each.
+    BeginsAndCommits,
 }
 
 /// Appends `entries` to the audit hash chain inside `tx`, in order, with one insert.
 pub(super) async fn append_audits(
     tx: &mut Tx,
     entries: &[NewAuditEntry],
+    how: AuditTx,
 ) -> Result<Vec<AuditEntry>> {
     if entries.is_empty() {
         return Ok(Vec::new());
     }
-    let head: Option<AuditHead> =
-        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+    const HEAD: &str = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1";
+    let head: Option<AuditHead> = if how == AuditTx::BeginsAndCommits {
+        sqlx::query_as(concat!(
+            "BEGIN IMMEDIATE; ",
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+        ))
+        // All rows, so that every statement runs.
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_err)?
+        .into_iter()
+        .next()
+    } else {
+        sqlx::query_as(HEAD)
             .fetch_optional(&mut **tx)
             .await
-            .map_err(db_err)?;
+            .map_err(db_err)?
+    };
     let (out, details) = sql::chain_audit_entries(head, entries)?;
     let mut insert = sqlx::QueryBuilder::<Sqlite>::new(
         "INSERT INTO audit_log (seq, at_ms, actor, action, session_id, task_id, miner, \
@@ -340,6 +368,9 @@ pub(super) async fn append_audits(
             .push_bind(&a.prev_hash[..])
             .push_bind(&a.hash[..]);
     });
+    if how != AuditTx::Inside {
+        insert.push("; COMMIT");
+    }
     insert
         .build()
         .execute(&mut **tx)
@@ -348,8 +379,19 @@ pub(super) async fn append_audits(
     Ok(out)
 }
 
+/// Runs the migrations on `conn`. sqlx's `Acquire` bound on a borrowed connection cannot be
+/// met inside a `Send` future, so they run to completion on a blocking thread of their own
+/// (once, at start-up; the connection's own thread does the work).
+async fn run_migrations(mut conn: Conn) -> std::result::Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        futures::executor::block_on(MIGRATOR.run(&mut *conn)).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 async fn commit(tx: Tx) -> Result<()> {
-    tx.commit().await.map_err(db_err)
+    tx.commit().await
 }
 
 #[async_trait]
@@ -359,7 +401,7 @@ impl Store for SqliteStore {
         // on the first run. The loser retries and then finds the migrations applied.
         let mut tries = 0;
         loop {
-            match MIGRATOR.run(&self.writer).await {
+            match run_migrations(self.writer.take().await?).await {
                 Ok(()) => return Ok(()),
                 Err(_) if tries < 3 => {
                     tries += 1;
@@ -372,7 +414,7 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&mut *self.read().await?)
             .await
             .map_err(db_err)?;
         Ok(())
@@ -418,16 +460,17 @@ impl Store for SqliteStore {
     }
 
     async fn get_session(&self, id: Uuid) -> Result<Session> {
-        let row = sqlx::query_as::<_, SessionRow>(concat!(
+        let row = sqlx::query_as::<_, sql::SessionMinersRow>(concat!(
             "SELECT ",
             session_columns!(),
-            " FROM sessions WHERE id = $1"
+            ", (SELECT json_group_array(m.miner ORDER BY m.position) FROM session_miners m \
+             WHERE m.session_id = sessions.id) AS miners FROM sessions WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.read().await?)
         .await
         .map_err(db_err)?;
-        load_session(&self.pool, found(row, "session")?).await
+        found(row, "session")?.into_session()
     }
 
     async fn list_sessions(
@@ -436,6 +479,7 @@ impl Store for SqliteStore {
         limit: u32,
         before: Option<Uuid>,
     ) -> Result<Vec<Session>> {
+        let mut conn = self.read().await?;
         let rows = sqlx::query_as::<_, SessionRow>(concat!(
             "SELECT ",
             session_columns!(),
@@ -446,12 +490,12 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(before)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(db_err)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            out.push(load_session(&self.pool, row).await?);
+            out.push(load_session(&mut *conn, row).await?);
         }
         Ok(out)
     }
@@ -535,7 +579,7 @@ impl Store for SqliteStore {
         .bind(i64::from(k.rate_per_minute))
         .bind(i64::from(k.max_concurrent))
         .bind(k.created_at_ms)
-        .fetch_one(&self.writer)
+        .fetch_one(&mut *self.writer.take().await?)
         .await
         .map_err(insert_err("api_key"))?;
         row.into_api_key()
@@ -548,7 +592,7 @@ impl Store for SqliteStore {
             " FROM api_keys WHERE hash = $1"
         ))
         .bind(&hash[..])
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.read().await?)
         .await
         .map_err(db_err)?;
         found(row, "api_key")?.into_api_key()
@@ -560,7 +604,7 @@ impl Store for SqliteStore {
             api_key_columns!(),
             " FROM api_keys ORDER BY created_at_ms, id"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.read().await?)
         .await
         .map_err(db_err)?
         .into_iter()
@@ -576,7 +620,7 @@ impl Store for SqliteStore {
         ))
         .bind(id)
         .bind(now_ms)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.writer.take().await?)
         .await
         .map_err(db_err)?;
         found(row, "api_key")?.into_api_key()
@@ -603,7 +647,7 @@ impl Store for SqliteStore {
 
     async fn count_api_keys(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *self.read().await?)
             .await
             .map_err(db_err)?;
         Ok(n.max(0) as u64)
@@ -622,7 +666,7 @@ impl Store for SqliteStore {
         .bind(sql::models_json(&m.models)?)
         .bind(m.created_at_ms)
         .bind(m.expires_at_ms)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.take().await?)
         .await
         .map_err(insert_err("miner_session"))?;
         Ok(())
@@ -635,7 +679,7 @@ impl Store for SqliteStore {
         )
         .bind(&token_hash[..])
         .bind(now_ms)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.read().await?)
         .await
         .map_err(db_err)?;
         found(row, "miner_session")?.into_miner_session()
@@ -645,7 +689,7 @@ impl Store for SqliteStore {
         let rows: Vec<String> =
             sqlx::query_scalar("SELECT models FROM miner_sessions WHERE expires_at_ms > $1")
                 .bind(now_ms)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.read().await?)
                 .await
                 .map_err(db_err)?;
         sql::served_models(rows)
@@ -661,7 +705,7 @@ impl Store for SqliteStore {
         .bind(signer)
         .bind(&nonce[..])
         .bind(expires_at_ms)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.take().await?)
         .await
         .map_err(db_err)?;
         if done.rows_affected() == 0 {
@@ -673,7 +717,7 @@ impl Store for SqliteStore {
     async fn prune_nonces(&self, now_ms: i64) -> Result<u64> {
         let done = sqlx::query("DELETE FROM nonces WHERE expires_at_ms < $1")
             .bind(now_ms)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.take().await?)
             .await
             .map_err(db_err)?;
         Ok(done.rows_affected())
@@ -688,7 +732,7 @@ impl Store for SqliteStore {
             .bind(t.session_id)
             .bind(t.created_at_ms)
             .bind(t.expires_at_ms)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.take().await?)
             .await
             .map_err(insert_err("read_token"))?;
         if done.rows_affected() == 0 {
@@ -701,7 +745,7 @@ impl Store for SqliteStore {
         let row = sqlx::query_as::<_, ReadTokenRow>(sql::SELECT_READ_TOKEN)
             .bind(&token_hash[..])
             .bind(now_ms)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.read().await?)
             .await
             .map_err(db_err)?;
         found(row, "read_token")?.into_record()
@@ -710,7 +754,7 @@ impl Store for SqliteStore {
     async fn prune_read_tokens(&self, now_ms: i64) -> Result<u64> {
         let done = sqlx::query(sql::PRUNE_READ_TOKENS)
             .bind(now_ms)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.take().await?)
             .await
             .map_err(db_err)?;
         Ok(done.rows_affected())
@@ -719,46 +763,44 @@ impl Store for SqliteStore {
     // --- tasks and the queue ----------------------------------------------------------------
 
     async fn enqueue(&self, t: &NewTask) -> Result<Task> {
-        let mut tx = self.write().await?;
-        let r = async {
-            if !session_row(&mut tx, t.session_id)
-                .await?
-                .is_open(t.created_at_ms)
-            {
-                return Err(sql::session_closed());
-            }
-            let row = sqlx::query_as::<_, TaskRow>(concat!(
-                "INSERT INTO tasks (id, session_id, prompt_urn, prompt_hash, prompt_scope, \
-                 key_version, model, params, state, attempts, max_attempts, created_at_ms, \
-                 deadline_ms, submitted_by, sealed_by) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $11, $12, $13) \
+        // One statement, so its own transaction: the task goes in only while its session is
+        // open at `created_at_ms`.
+        let row = sqlx::query_as::<_, TaskRow>(concat!(
+            "INSERT INTO tasks (id, session_id, prompt_urn, prompt_hash, prompt_scope, \
+             key_version, model, params, state, attempts, max_attempts, created_at_ms, \
+             deadline_ms, submitted_by, sealed_by) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $11, $12, $13 \
+             FROM sessions WHERE id = $2 AND closed_at_ms IS NULL \
+             AND (expires_at_ms IS NULL OR $10 < expires_at_ms) \
              RETURNING ",
-                task_columns!()
-            ))
-            .bind(t.id)
-            .bind(t.session_id)
-            .bind(&t.prompt_urn)
-            .bind(&t.prompt_hash[..])
-            .bind(i64::from(t.prompt_scope))
-            .bind(i64::from(t.key_version))
-            .bind(&t.model)
-            .bind(sql::params_json(&t.params)?)
-            .bind(i64::from(t.max_attempts))
-            .bind(t.created_at_ms)
-            .bind(t.deadline_ms)
-            .bind(&t.submitted_by)
-            .bind(t.sealed_by.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(insert_err("task"))?;
-            let task = row.into_task()?;
-            let event = StoreEvent::TaskAvailable {
-                model: task.model.clone(),
-            };
-            Ok((task, vec![event]))
-        }
-        .await;
-        self.settle(tx, r).await
+            task_columns!()
+        ))
+        .bind(t.id)
+        .bind(t.session_id)
+        .bind(&t.prompt_urn)
+        .bind(&t.prompt_hash[..])
+        .bind(i64::from(t.prompt_scope))
+        .bind(i64::from(t.key_version))
+        .bind(&t.model)
+        .bind(sql::params_json(&t.params)?)
+        .bind(i64::from(t.max_attempts))
+        .bind(t.created_at_ms)
+        .bind(t.deadline_ms)
+        .bind(&t.submitted_by)
+        .bind(t.sealed_by.as_str())
+        .fetch_optional(&mut *self.writer.take().await?)
+        .await
+        .map_err(insert_err("task"))?;
+        let Some(row) = row else {
+            // Nothing inserted: say why.
+            self.get_session(t.session_id).await?;
+            return Err(sql::session_closed());
+        };
+        let task = row.into_task()?;
+        let _ = self.events.send(StoreEvent::TaskAvailable {
+            model: task.model.clone(),
+        });
+        Ok(task)
     }
 
     async fn get_task(&self, id: Uuid) -> Result<Task> {
@@ -768,7 +810,7 @@ impl Store for SqliteStore {
             " FROM tasks WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.read().await?)
         .await
         .map_err(db_err)?;
         found(row, "task")?.into_task()
@@ -788,43 +830,46 @@ impl Store for SqliteStore {
             .bind(req.now_ms)
             .bind(&req.miner)
             .bind(req.skip_contract_sessions)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.read().await?)
             .await
             .map_err(db_err)?;
         if any.is_none() {
             return Ok(None);
         }
-        let mut tx = self.write().await?;
+        // Two round trips to the writer's thread: take the write lock and mark the task leased,
+        // then record the lease and commit.
+        let mut tx = self.writer.begin_deferred().await?;
+        let expires = req.now_ms.saturating_add(req.ttl_ms);
         let r = async {
-            let candidate: Option<Uuid> = sqlx::query_scalar(LEASE_CANDIDATE)
-                .bind(&models)
-                .bind(req.now_ms)
-                .bind(&req.miner)
-                .bind(req.skip_contract_sessions)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            let Some(task_id) = candidate else {
-                return Ok((None, Vec::new()));
-            };
-            let expires = req.now_ms.saturating_add(req.ttl_ms);
-            let task = sqlx::query_as::<_, TaskRow>(concat!(
-                "UPDATE tasks SET state = 'leased', attempts = attempts + 1, lease_id = $2, \
-                 leased_by = $3, lease_expires_at_ms = $4 WHERE id = $1 AND state = 'queued' \
-                 RETURNING ",
+            let leased = sqlx::query_as::<_, TaskRow>(concat!(
+                "BEGIN IMMEDIATE; UPDATE tasks SET state = 'leased', attempts = attempts + 1, \
+                 lease_id = $5, leased_by = $3, lease_expires_at_ms = $6 \
+                 WHERE state = 'queued' AND id = (",
+                lease_candidate!(),
+                ") RETURNING ",
                 task_columns!()
             ))
-            .bind(task_id)
-            .bind(req.lease_id)
+            .bind(&models)
+            .bind(req.now_ms)
             .bind(&req.miner)
+            .bind(req.skip_contract_sessions)
+            .bind(req.lease_id)
             .bind(expires)
-            .fetch_one(&mut *tx)
+            // All rows, so that every statement runs.
+            .fetch_all(&mut *tx)
             .await
-            .map_err(db_err)?
-            .into_task()?;
+            .map_err(db_err)?;
+            let Some(row) = leased.into_iter().next() else {
+                return Ok(None);
+            };
+            let task = row.into_task()?;
             sqlx::query(
                 "INSERT INTO leases (lease_id, task_id, miner, attempt, created_at_ms, \
-                 expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                 expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6); \
+                 INSERT INTO session_service (session_id, last_served) VALUES ($7, \
+                 (SELECT COALESCE(MAX(last_served), 0) + 1 FROM session_service)) \
+                 ON CONFLICT (session_id) DO UPDATE SET last_served = excluded.last_served; \
+                 COMMIT",
             )
             .bind(req.lease_id)
             .bind(task.id)
@@ -832,28 +877,33 @@ impl Store for SqliteStore {
             .bind(i64::from(task.attempts))
             .bind(req.now_ms)
             .bind(expires)
-            .execute(&mut *tx)
-            .await
-            .map_err(insert_err("lease"))?;
-            sqlx::query(
-                "INSERT INTO session_service (session_id, last_served) VALUES ($1, \
-                 (SELECT COALESCE(MAX(last_served), 0) + 1 FROM session_service)) \
-                 ON CONFLICT (session_id) DO UPDATE SET last_served = excluded.last_served",
-            )
             .bind(task.session_id)
             .execute(&mut *tx)
             .await
-            .map_err(db_err)?;
-            let leased = LeasedTask {
+            .map_err(insert_err("lease"))?;
+            Ok(Some(LeasedTask {
                 lease_id: req.lease_id,
                 lease_expires_at_ms: expires,
                 attempt: task.attempts,
                 task,
-            };
-            Ok((Some(leased), Vec::new()))
+            }))
         }
         .await;
-        self.settle(tx, r).await
+        match r {
+            Ok(Some(leased)) => {
+                tx.committed();
+                Ok(Some(leased))
+            }
+            Ok(None) => {
+                // Taken meanwhile: nothing changed.
+                tx.rollback().await?;
+                Ok(None)
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
     }
 
     async fn heartbeat(
@@ -887,7 +937,7 @@ impl Store for SqliteStore {
 
     async fn active_lease(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<LeasedTask> {
         // One statement: lease and task are seen together without a transaction.
-        let (lease, task) = lease_with_task(&self.pool, lease_id).await?;
+        let (lease, task) = lease_with_task(&mut *self.read().await?, lease_id).await?;
         lease.check_holder(miner)?;
         lease.check_active(&task, miner, now_ms)?;
         lease.leased_task(task)
@@ -899,12 +949,18 @@ impl Store for SqliteStore {
              WHERE lease_id = $1",
         )
         .bind(lease_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.read().await?)
         .await
         .map_err(db_err)?;
         let lease = found(row, "lease")?;
         lease.check_holder(miner)?;
         lease.record()
+    }
+
+    async fn held_lease(&self, lease_id: Uuid, miner: &str) -> Result<(LeaseRecord, Task)> {
+        let (lease, task) = lease_with_task(&mut *self.read().await?, lease_id).await?;
+        lease.check_holder(miner)?;
+        Ok((lease.record()?, task))
     }
 
     async fn release(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<()> {
@@ -953,12 +1009,24 @@ impl Store for SqliteStore {
         r: &TaskResultRecord,
         now_ms: i64,
     ) -> Result<CompleteOutcome> {
-        let mut tx = self.write().await?;
+        // Two round trips to the writer's thread: take the write lock and read the lease with
+        // its task, then record the result and commit.
+        let mut tx = self.writer.begin_deferred().await?;
         let r = async {
-            let (lease, task) = lease_with_task(&mut *tx, lease_id).await?;
+            let row = sqlx::query_as::<_, sql::LeaseTaskRow>(concat!(
+                "BEGIN IMMEDIATE; ",
+                sql::lease_with_task!()
+            ))
+            .bind(lease_id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .next();
+            let (lease, task) = found(row, "lease")?.split()?;
             lease.check_holder(miner)?;
             if task.result.is_some() {
-                return Ok((CompleteOutcome::Duplicate(task), Vec::new()));
+                return Ok(Err(CompleteOutcome::Duplicate(task)));
             }
             if task.state.is_final() {
                 return Err(sql::task_final(task.state));
@@ -970,7 +1038,8 @@ impl Store for SqliteStore {
                  result_size = $4, result_miner = $5, result_signature = $6, prompt_tokens = $7, \
                  completion_tokens = $8, finish_reason = $9, finished_at_ms = $10, \
                  lease_expires_at_ms = NULL WHERE id = $1 RETURNING ",
-                task_columns!()
+                task_columns!(),
+                "; COMMIT"
             ))
             .bind(task.id)
             .bind(&r.result_urn)
@@ -982,15 +1051,30 @@ impl Store for SqliteStore {
             .bind(i64::from(r.completion_tokens))
             .bind(&r.finish_reason)
             .bind(now_ms)
-            .fetch_one(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
-            let task = row.into_task()?;
-            let event = StoreEvent::TaskFinished { task_id: task.id };
-            Ok((CompleteOutcome::Accepted(task), vec![event]))
+            let row = found(row.into_iter().next(), "task")?;
+            Ok(Ok(row.into_task()?))
         }
         .await;
-        self.settle(tx, r).await
+        match r {
+            Ok(Ok(task)) => {
+                tx.committed();
+                let _ = self
+                    .events
+                    .send(StoreEvent::TaskFinished { task_id: task.id });
+                Ok(CompleteOutcome::Accepted(task))
+            }
+            Ok(Err(duplicate)) => {
+                tx.rollback().await?;
+                Ok(duplicate)
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
     }
 
     async fn cancel(&self, id: Uuid, now_ms: i64) -> Result<Task> {
@@ -1055,7 +1139,7 @@ impl Store for SqliteStore {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT state, COUNT(*) FROM tasks WHERE state IN ('queued', 'leased') GROUP BY state",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.read().await?)
         .await
         .map_err(db_err)?;
         Ok(sql::queue_depth(rows))
@@ -1093,22 +1177,21 @@ impl Store for SqliteStore {
     }
 
     async fn mark_delivered(&self, task_id: Uuid, now_ms: i64) -> Result<bool> {
-        let mut tx = self.write().await?;
-        let r = sqlx::query(sql::MARK_DELIVERED)
+        // One statement: its own transaction.
+        let done = sqlx::query(sql::MARK_DELIVERED)
             .bind(task_id)
             .bind(now_ms)
-            .execute(&mut *tx)
+            .execute(&mut *self.writer.take().await?)
             .await
-            .map_err(db_err)
-            .map(|done| (done.rows_affected() == 1, Vec::new()));
-        self.settle(tx, r).await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn due_deletions(&self, now_ms: i64, limit: u32) -> Result<Vec<DueDeletion>> {
         sqlx::query_as::<_, sql::DueRow>(sql::DUE_DELETIONS)
             .bind(now_ms)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.read().await?)
             .await
             .map_err(db_err)?
             .into_iter()
@@ -1124,30 +1207,46 @@ impl Store for SqliteStore {
         now_ms: i64,
         audit: &NewAuditEntry,
     ) -> Result<bool> {
-        let mut tx = self.write().await?;
+        // Three round trips: take the write lock and record the deletion; read the audit
+        // chain's head; append and commit.
+        let mut tx = self.writer.begin_deferred().await?;
         let r = async {
-            let done = sqlx::query(sql::mark_deleted_sql(kind))
+            let recorded: Vec<Uuid> = sqlx::query_scalar(sql::begin_mark_deleted_sql(kind))
                 .bind(task_id)
                 .bind(now_ms)
                 .bind(urn)
-                .execute(&mut *tx)
+                // All rows, so that every statement runs.
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(db_err)?;
-            if done.rows_affected() != 1 {
-                return Ok((false, Vec::new()));
+            if recorded.len() != 1 {
+                return Ok(false);
             }
-            append_audit(&mut tx, audit).await?;
-            Ok((true, Vec::new()))
+            append_audits(&mut tx, std::slice::from_ref(audit), AuditTx::Commits).await?;
+            Ok(true)
         }
         .await;
-        self.settle(tx, r).await
+        match r {
+            Ok(true) => {
+                tx.committed();
+                Ok(true)
+            }
+            Ok(false) => {
+                tx.rollback().await?;
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
     }
 
     // --- key lifecycle ------------------------------------------------------------------------
 
     async fn key_version_usage(&self) -> Result<Vec<super::KeyVersionUsage>> {
         sqlx::query_as::<_, lifecycle::UsageRow>(lifecycle::KEY_VERSION_USAGE)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.read().await?)
             .await
             .map_err(db_err)?
             .into_iter()
@@ -1167,7 +1266,7 @@ impl Store for SqliteStore {
             .bind(i64::from(target))
             .bind(after)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.read().await?)
             .await
             .map_err(db_err)?
             .into_iter()
@@ -1179,7 +1278,7 @@ impl Store for SqliteStore {
         let n: i64 = sqlx::query_scalar(lifecycle::COUNT_REWRAP_CANDIDATES)
             .bind(i64::from(min_version))
             .bind(i64::from(target))
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *self.read().await?)
             .await
             .map_err(db_err)?;
         Ok(n.max(0) as u64)
@@ -1278,7 +1377,7 @@ impl Store for SqliteStore {
 
     async fn rewrap_journal(&self) -> Result<Vec<super::RewrapJournal>> {
         sqlx::query_as::<_, lifecycle::RewrapRow>(lifecycle::REWRAP_JOURNAL)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.read().await?)
             .await
             .map_err(db_err)?
             .into_iter()
@@ -1305,11 +1404,17 @@ impl Store for SqliteStore {
             .append(e, |batch| {
                 let store = self.clone();
                 async move {
-                    let mut tx = store.write().await?;
-                    let r = append_audits(&mut tx, &batch)
-                        .await
-                        .map(|entries| (entries, Vec::new()));
-                    store.settle(tx, r).await
+                    let mut tx = store.writer.begin_deferred().await?;
+                    match append_audits(&mut tx, &batch, AuditTx::BeginsAndCommits).await {
+                        Ok(entries) => {
+                            tx.committed();
+                            Ok(entries)
+                        }
+                        Err(e) => {
+                            let _ = tx.rollback().await;
+                            Err(e)
+                        }
+                    }
                 }
             })
             .await
@@ -1323,7 +1428,7 @@ impl Store for SqliteStore {
         ))
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.read().await?)
         .await
         .map_err(db_err)?
         .into_iter()
