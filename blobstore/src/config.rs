@@ -688,7 +688,10 @@ impl StoreConfig {
                     Error::config("fs.root", format!("cannot create {}: {e}", root.display()))
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(root).map_err(build_err)?;
-                (Arc::new(fs.with_fsync(*fsync)), None)
+                // Blob names make a directory per session and task; the last deletion in one
+                // removes it, so retention leaves no empty directories behind.
+                let fs = fs.with_fsync(*fsync).with_automatic_cleanup(true);
+                (Arc::new(fs), None)
             }
             Backend::S3(c) => {
                 let mut b = AmazonS3Builder::from_env();

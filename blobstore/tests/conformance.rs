@@ -462,6 +462,11 @@ async fn delete_is_idempotent(f: &Fixture) {
     let (_, blob) = sealed(10, 8);
     let r = f.store.put(blob).await.unwrap();
     f.store.delete(&r.urn).await.unwrap();
+    if let Some(root) = &f.root {
+        // The directories the blob's name made on a filesystem go with their last blob.
+        let left: Vec<_> = std::fs::read_dir(root).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
     assert!(matches!(
         f.store.get(&r.urn, &r.sha256).await,
         Err(Error::NotFound { .. })

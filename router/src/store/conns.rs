@@ -15,7 +15,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use sqlx::sqlite::SqliteConnection;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use super::Result;
 use super::sql::db_err;
@@ -28,17 +28,26 @@ pub(super) struct Slot {
     open_tx: bool,
 }
 
-/// A fixed set of connections. Callers take the first free one, so the fewest threads stay
-/// busy; when all are taken they queue for the first.
+/// A fixed set of connections. Callers queue (in order) for a permit, one per connection, and
+/// then take the first free connection, so the fewest threads stay busy.
 #[derive(Debug)]
 pub(super) struct Conns {
     slots: Vec<Arc<Mutex<Slot>>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A connection taken, with the permit that let its taker in. The guard is declared first so
+/// that it is released first: whoever gets the permit next finds the connection free.
+struct Lent {
+    guard: OwnedMutexGuard<Slot>,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Conns {
     pub(super) fn new(conns: Vec<SqliteConnection>) -> Self {
         assert!(!conns.is_empty(), "a connection set needs a connection");
         Self {
+            permits: Arc::new(Semaphore::new(conns.len())),
             slots: conns
                 .into_iter()
                 .map(|conn| {
@@ -53,7 +62,13 @@ impl Conns {
 
     /// A connection with no transaction open on it.
     pub(super) async fn take(&self) -> Result<Conn> {
-        let mut guard = match self
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .expect("the permits are never closed");
+        // With a permit, at most `slots - 1` others hold one, and each holds at most one
+        // connection: one is free (the fallback only waits if that ever stops being true).
+        let guard = match self
             .slots
             .iter()
             .find_map(|s| Arc::clone(s).try_lock_owned().ok())
@@ -61,22 +76,26 @@ impl Conns {
             Some(g) => g,
             None => Arc::clone(&self.slots[0]).lock_owned().await,
         };
-        if guard.open_tx {
-            rollback(&mut guard).await?;
+        let mut lent = Lent {
+            guard,
+            _permit: permit,
+        };
+        if lent.guard.open_tx {
+            rollback(&mut lent.guard).await?;
         }
-        Ok(Conn(guard))
+        Ok(Conn(lent))
     }
 
     /// A write transaction: `BEGIN IMMEDIATE` takes SQLite's write lock up front.
     pub(super) async fn begin(&self, begin: &'static str) -> Result<WriteTx> {
-        let Conn(mut guard) = self.take().await?;
-        guard.open_tx = true;
-        if let Err(e) = sqlx::raw_sql(begin).execute(&mut guard.conn).await {
+        let Conn(mut lent) = self.take().await?;
+        lent.guard.open_tx = true;
+        if let Err(e) = sqlx::raw_sql(begin).execute(&mut lent.guard.conn).await {
             // BEGIN failed (busy): no transaction is open.
-            guard.open_tx = false;
+            lent.guard.open_tx = false;
             return Err(db_err(e));
         }
-        Ok(WriteTx(Some(guard)))
+        Ok(WriteTx(Some(lent)))
     }
 }
 
@@ -86,9 +105,9 @@ impl Conns {
     /// transaction counts as open from now on, so an error anywhere, `BEGIN` included, is
     /// followed by a rollback.
     pub(super) async fn begin_deferred(&self) -> Result<WriteTx> {
-        let Conn(mut guard) = self.take().await?;
-        guard.open_tx = true;
-        Ok(WriteTx(Some(guard)))
+        let Conn(mut lent) = self.take().await?;
+        lent.guard.open_tx = true;
+        Ok(WriteTx(Some(lent)))
     }
 }
 
@@ -105,30 +124,32 @@ async fn rollback(slot: &mut Slot) -> Result<()> {
 }
 
 /// A connection on loan; derefs to the connection, to run statements on.
-pub(super) struct Conn(OwnedMutexGuard<Slot>);
+pub(super) struct Conn(Lent);
 
 impl Deref for Conn {
     type Target = SqliteConnection;
     fn deref(&self) -> &SqliteConnection {
-        &self.0.conn
+        &self.0.guard.conn
     }
 }
 
 impl DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.0.conn
+        &mut self.0.guard.conn
     }
 }
 
 /// A write transaction on a connection on loan. End it with [`WriteTx::commit`] or
 /// [`WriteTx::rollback`]; dropping it rolls back.
-pub(super) struct WriteTx(Option<OwnedMutexGuard<Slot>>);
+pub(super) struct WriteTx(Option<Lent>);
 
 impl WriteTx {
     fn slot(&mut self) -> &mut Slot {
-        self.0
+        &mut self
+            .0
             .as_mut()
             .expect("a transaction is used until it ends")
+            .guard
     }
 
     pub(super) async fn commit(mut self) -> Result<()> {
@@ -162,6 +183,7 @@ impl Deref for WriteTx {
             .0
             .as_ref()
             .expect("a transaction is used until it ends")
+            .guard
             .conn
     }
 }
@@ -174,16 +196,16 @@ impl DerefMut for WriteTx {
 
 impl Drop for WriteTx {
     fn drop(&mut self) {
-        let Some(mut guard) = self.0.take() else {
+        let Some(mut lent) = self.0.take() else {
             return;
         };
-        if !guard.open_tx {
+        if !lent.guard.open_tx {
             return;
         }
         // Give the write lock back now rather than when the connection is next taken.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = rollback(&mut guard).await;
+                let _ = rollback(&mut lent.guard).await;
             });
         }
     }
@@ -309,6 +331,24 @@ mod tests {
         assert_eq!(count(&c).await, 2);
         // Nothing was begun at all: the rollback finds no transaction and that is fine.
         c.begin_deferred().await.unwrap().rollback().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_waiting_caller_gets_whichever_connection_comes_back_first() {
+        let c = std::sync::Arc::new(conns(2).await);
+        let (first, second) = (c.take().await.unwrap(), c.take().await.unwrap());
+        let waiter = std::sync::Arc::clone(&c);
+        let waiting = tokio::spawn(async move {
+            drop(waiter.take().await.unwrap());
+        });
+        tokio::task::yield_now().await;
+        // The second connection comes back; the first stays taken.
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiter got the connection that came back")
+            .unwrap();
+        drop(first);
     }
 
     #[tokio::test]
