@@ -170,9 +170,24 @@ impl WriteTx {
         rollback(self.slot()).await
     }
 
-    /// Records that the caller's last statement ended with a `COMMIT` that went through.
-    pub(super) fn committed(mut self) {
-        self.slot().open_tx = false;
+    /// Ends a transaction begun deferred, after its body: `Ok((value, true))` when the body's
+    /// last statement ended with a `COMMIT` that went through, `Ok((value, false))` when the body
+    /// kept nothing (rolled back now); after an error, rolled back at once.
+    pub(super) async fn end<T>(mut self, r: Result<(T, bool)>) -> Result<T> {
+        match r {
+            Ok((value, true)) => {
+                self.slot().open_tx = false;
+                Ok(value)
+            }
+            Ok((value, false)) => {
+                self.rollback().await?;
+                Ok(value)
+            }
+            Err(e) => {
+                let _ = self.rollback().await;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -302,11 +317,12 @@ mod tests {
             .execute(&mut *tx)
             .await
             .unwrap();
-        sqlx::raw_sql("INSERT INTO t (v) VALUES (2); COMMIT")
+        let r = sqlx::raw_sql("INSERT INTO t (v) VALUES (2); COMMIT")
             .execute(&mut *tx)
             .await
-            .unwrap();
-        tx.committed();
+            .map(|_| ((), true))
+            .map_err(super::super::sql::db_err);
+        tx.end(r).await.unwrap();
         assert_eq!(count(&c).await, 2);
 
         // A statement that fails after BEGIN leaves the transaction open: the rollback undoes

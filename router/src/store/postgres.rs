@@ -76,6 +76,17 @@ impl Drop for ListenerTask {
 }
 
 impl PgStore {
+    /// A lease and its task. Reads only: one statement sees both in one snapshot, without
+    /// locks.
+    async fn lease_with_task(&self, lease_id: Uuid) -> Result<(LeaseRow, Task)> {
+        let row = sqlx::query_as::<_, sql::LeaseTaskRow>(sql::LEASE_WITH_TASK)
+            .bind(lease_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        found(row, "lease")?.split()
+    }
+
     /// Connects to `postgres://…` and starts listening for other replicas' events. Call
     /// [`Store::migrate`] before use ([`super::open`] does).
     pub async fn connect(url: &str) -> Result<Self> {
@@ -933,13 +944,7 @@ impl Store for PgStore {
     }
 
     async fn active_lease(&self, lease_id: Uuid, miner: &str, now_ms: i64) -> Result<LeasedTask> {
-        // Reads only: one statement sees lease and task in one snapshot, without locks.
-        let row = sqlx::query_as::<_, sql::LeaseTaskRow>(sql::LEASE_WITH_TASK)
-            .bind(lease_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        let (lease, task) = found(row, "lease")?.split()?;
+        let (lease, task) = self.lease_with_task(lease_id).await?;
         lease.check_holder(miner)?;
         lease.check_active(&task, miner, now_ms)?;
         lease.leased_task(task)
@@ -960,12 +965,7 @@ impl Store for PgStore {
     }
 
     async fn held_lease(&self, lease_id: Uuid, miner: &str) -> Result<(LeaseRecord, Task)> {
-        let row = sqlx::query_as::<_, sql::LeaseTaskRow>(sql::LEASE_WITH_TASK)
-            .bind(lease_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        let (lease, task) = found(row, "lease")?.split()?;
+        let (lease, task) = self.lease_with_task(lease_id).await?;
         lease.check_holder(miner)?;
         Ok((lease.record()?, task))
     }

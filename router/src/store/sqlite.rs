@@ -860,7 +860,8 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
             let Some(row) = leased.into_iter().next() else {
-                return Ok(None);
+                // Taken meanwhile: nothing changed.
+                return Ok((None, false));
             };
             let task = row.into_task()?;
             sqlx::query(
@@ -881,29 +882,16 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(insert_err("lease"))?;
-            Ok(Some(LeasedTask {
+            let leased = LeasedTask {
                 lease_id: req.lease_id,
                 lease_expires_at_ms: expires,
                 attempt: task.attempts,
                 task,
-            }))
+            };
+            Ok((Some(leased), true))
         }
         .await;
-        match r {
-            Ok(Some(leased)) => {
-                tx.committed();
-                Ok(Some(leased))
-            }
-            Ok(None) => {
-                // Taken meanwhile: nothing changed.
-                tx.rollback().await?;
-                Ok(None)
-            }
-            Err(e) => {
-                let _ = tx.rollback().await;
-                Err(e)
-            }
-        }
+        tx.end(r).await
     }
 
     async fn heartbeat(
@@ -1026,7 +1014,7 @@ impl Store for SqliteStore {
             let (lease, task) = found(row, "lease")?.split()?;
             lease.check_holder(miner)?;
             if task.result.is_some() {
-                return Ok(Err(CompleteOutcome::Duplicate(task)));
+                return Ok((CompleteOutcome::Duplicate(task), false));
             }
             if task.state.is_final() {
                 return Err(sql::task_final(task.state));
@@ -1055,26 +1043,16 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
             let row = found(row.into_iter().next(), "task")?;
-            Ok(Ok(row.into_task()?))
+            Ok((CompleteOutcome::Accepted(row.into_task()?), true))
         }
         .await;
-        match r {
-            Ok(Ok(task)) => {
-                tx.committed();
-                let _ = self
-                    .events
-                    .send(StoreEvent::TaskFinished { task_id: task.id });
-                Ok(CompleteOutcome::Accepted(task))
-            }
-            Ok(Err(duplicate)) => {
-                tx.rollback().await?;
-                Ok(duplicate)
-            }
-            Err(e) => {
-                let _ = tx.rollback().await;
-                Err(e)
-            }
+        let outcome = tx.end(r).await?;
+        if let CompleteOutcome::Accepted(task) = &outcome {
+            let _ = self
+                .events
+                .send(StoreEvent::TaskFinished { task_id: task.id });
         }
+        Ok(outcome)
     }
 
     async fn cancel(&self, id: Uuid, now_ms: i64) -> Result<Task> {
@@ -1220,26 +1198,13 @@ impl Store for SqliteStore {
                 .await
                 .map_err(db_err)?;
             if recorded.len() != 1 {
-                return Ok(false);
+                return Ok((false, false));
             }
             append_audits(&mut tx, std::slice::from_ref(audit), AuditTx::Commits).await?;
-            Ok(true)
+            Ok((true, true))
         }
         .await;
-        match r {
-            Ok(true) => {
-                tx.committed();
-                Ok(true)
-            }
-            Ok(false) => {
-                tx.rollback().await?;
-                Ok(false)
-            }
-            Err(e) => {
-                let _ = tx.rollback().await;
-                Err(e)
-            }
-        }
+        tx.end(r).await
     }
 
     // --- key lifecycle ------------------------------------------------------------------------
@@ -1405,16 +1370,10 @@ impl Store for SqliteStore {
                 let store = self.clone();
                 async move {
                     let mut tx = store.writer.begin_deferred().await?;
-                    match append_audits(&mut tx, &batch, AuditTx::BeginsAndCommits).await {
-                        Ok(entries) => {
-                            tx.committed();
-                            Ok(entries)
-                        }
-                        Err(e) => {
-                            let _ = tx.rollback().await;
-                            Err(e)
-                        }
-                    }
+                    let r = append_audits(&mut tx, &batch, AuditTx::BeginsAndCommits)
+                        .await
+                        .map(|entries| (entries, true));
+                    tx.end(r).await
                 }
             })
             .await
