@@ -34,6 +34,8 @@ pub struct Inner {
     pub miner_sessions: crate::auth::MinerSessionCache,
     /// In-process relay of sealed result frames to streaming callers.
     pub relay: Relay,
+    /// Wakes the requests waiting for a task's end, and only them.
+    pub finished: Finished,
     /// Results stored through this replica, awaiting their `TaskResult`.
     pub stored_results: StoredResults,
     /// Prometheus exposition.
@@ -57,6 +59,7 @@ impl AppState {
         metrics: metrics_exporter_prometheus::PrometheusHandle,
         acl: Option<crate::acl::Acl>,
     ) -> Self {
+        let finished = Finished::start(store.subscribe());
         Self(Arc::new(Inner {
             cfg,
             store,
@@ -65,6 +68,7 @@ impl AppState {
             limits: Limits::default(),
             miner_sessions: Default::default(),
             relay: Relay::default(),
+            finished,
             stored_results: StoredResults::default(),
             metrics,
             acl,
@@ -446,6 +450,101 @@ pub enum RelayMsg {
     Abort,
 }
 
+/// Routes the store's `TaskFinished` events (this replica's and, on PostgreSQL, the others')
+/// to the requests waiting for those tasks. Every waiting request used to receive every event
+/// and look at its task id: with many requests open, each task's end woke all of them.
+#[derive(Debug)]
+pub struct Finished {
+    watched: Arc<Mutex<HashMap<Uuid, tokio::sync::watch::Sender<u64>>>>,
+    router: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Finished {
+    /// Starts routing `events` (on the current runtime; without one, waiters are left to poll).
+    pub fn start(mut events: broadcast::Receiver<crate::store::StoreEvent>) -> Self {
+        let watched: Arc<Mutex<HashMap<Uuid, tokio::sync::watch::Sender<u64>>>> = Arc::default();
+        let map = Arc::clone(&watched);
+        let router = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            rt.spawn(async move {
+                use broadcast::error::RecvError;
+                loop {
+                    let ids: Option<Uuid> = match events.recv().await {
+                        Ok(crate::store::StoreEvent::TaskFinished { task_id }) => Some(task_id),
+                        Ok(_) => continue,
+                        // Events were missed: every waiter looks again.
+                        Err(RecvError::Lagged(_)) => None,
+                        Err(RecvError::Closed) => return,
+                    };
+                    let map = map.lock().unwrap_or_else(|p| p.into_inner());
+                    match ids {
+                        Some(id) => {
+                            if let Some(tx) = map.get(&id) {
+                                tx.send_modify(|n| *n += 1);
+                            }
+                        }
+                        None => map.values().for_each(|tx| tx.send_modify(|n| *n += 1)),
+                    }
+                }
+            })
+        });
+        Self { watched, router }
+    }
+
+    /// Watches `task` for its end. Take it before looking at the task, so that an end after
+    /// the look is not missed.
+    pub fn watch(&self, task: Uuid) -> FinishWatch {
+        let mut map = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = map
+            .entry(task)
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe();
+        FinishWatch {
+            watched: Arc::clone(&self.watched),
+            task,
+            rx,
+        }
+    }
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if let Some(t) = &self.router {
+            t.abort();
+        }
+    }
+}
+
+/// One request's watch on a task's end; stops watching when dropped.
+#[derive(Debug)]
+pub struct FinishWatch {
+    watched: Arc<Mutex<HashMap<Uuid, tokio::sync::watch::Sender<u64>>>>,
+    task: Uuid,
+    rx: tokio::sync::watch::Receiver<u64>,
+}
+
+impl FinishWatch {
+    /// The next sign that the task may have ended (its `TaskFinished` event, or events missed
+    /// by the router), answered in the shape of a store-event receiver.
+    pub async fn recv(&mut self) -> Result<crate::store::StoreEvent, broadcast::error::RecvError> {
+        match self.rx.changed().await {
+            Ok(()) => Ok(crate::store::StoreEvent::TaskFinished { task_id: self.task }),
+            Err(_) => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for FinishWatch {
+    fn drop(&mut self) {
+        let mut map = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(&self.task) {
+            // This watch still counts; remove the channel when it was the last one.
+            if tx.receiver_count() <= 1 {
+                map.remove(&self.task);
+            }
+        }
+    }
+}
+
 /// A result blob this replica stored for a lease: what the complete handler would otherwise
 /// read back from the blob store to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -663,5 +762,45 @@ mod tests {
             c.push(m);
         }
         assert_eq!(c.into_blob(), None);
+    }
+
+    #[tokio::test]
+    async fn a_task_end_wakes_only_the_requests_watching_that_task() {
+        use crate::store::StoreEvent;
+        use std::time::Duration;
+        let (tx, _) = broadcast::channel(4);
+        let f = Finished::start(tx.subscribe());
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let (mut wa, mut wb) = (f.watch(a), f.watch(b));
+        let mut wa2 = f.watch(a);
+        tx.send(StoreEvent::TaskFinished { task_id: a }).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), wa.recv()).await;
+        assert!(matches!(got, Ok(Ok(StoreEvent::TaskFinished { task_id })) if task_id == a));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), wa2.recv())
+                .await
+                .is_ok()
+        );
+        let other = tokio::time::timeout(Duration::from_millis(100), wb.recv()).await;
+        assert!(other.is_err(), "b's watch stays asleep");
+
+        // Missed events wake every watch.
+        for _ in 0..8 {
+            tx.send(StoreEvent::TaskAvailable { model: "m".into() })
+                .unwrap();
+        }
+        tx.send(StoreEvent::TaskFinished {
+            task_id: Uuid::now_v7(),
+        })
+        .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), wb.recv())
+                .await
+                .is_ok()
+        );
+
+        // Watches leave nothing behind.
+        drop((wa, wa2, wb));
+        assert!(f.watched.lock().unwrap().is_empty());
     }
 }

@@ -993,7 +993,7 @@ async fn complete_request(
         // A copy of the result as the miner uploads it spares reading it back.
         state.relay.capture(task_id)
     };
-    let events = state.store.subscribe();
+    let events = state.finished.watch(task_id);
     let now = now_ms();
     let t_queue = std::time::Instant::now();
     let task = state
@@ -1117,7 +1117,7 @@ fn timeout_error(task_id: Uuid) -> ApiError {
 pub(super) async fn wait_final(
     state: &AppState,
     task_id: Uuid,
-    mut events: tokio::sync::broadcast::Receiver<StoreEvent>,
+    mut events: crate::state::FinishWatch,
     timeout: Duration,
     mut known: Option<Task>,
 ) -> ApiResult<Option<Task>> {
@@ -1347,7 +1347,7 @@ fn stream_response(
     task: Task,
     k_task: SecretKey,
     relay: crate::state::RelaySubscription,
-    events: tokio::sync::broadcast::Receiver<StoreEvent>,
+    events: crate::state::FinishWatch,
     timeout: Duration,
     shape: Shape,
 ) -> Response {
@@ -1401,7 +1401,7 @@ async fn drive_stream(
     task: &Task,
     k_task: &SecretKey,
     mut relay: crate::state::RelaySubscription,
-    mut events: tokio::sync::broadcast::Receiver<StoreEvent>,
+    mut events: crate::state::FinishWatch,
     timeout: Duration,
     shape: &Shape,
     out: &mut Tx,

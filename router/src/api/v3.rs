@@ -1295,7 +1295,7 @@ async fn task(
                 )
             })?,
     };
-    let events = state.store.subscribe();
+    let events = state.finished.watch(id);
     let mut t = reader_task(&state, &reader, id).await?;
     if wait_ms > 0 && !t.state.is_final() {
         t = match super::v2::wait_final(
@@ -1494,7 +1494,7 @@ async fn stream(
     // Subscribe before looking at the task, so that no frame or event is missed; the
     // subscription taken when the task was queued, if any, has seen more.
     let relay = state.relay.subscribe(id);
-    let events = state.store.subscribe();
+    let events = state.finished.watch(id);
     let task = reader_task(&state, &reader, id).await?;
     let relay = take_stream(id).unwrap_or(relay);
     let (tx, rx) = futures::channel::mpsc::channel::<Result<Event, Infallible>>(64);
@@ -1608,7 +1608,7 @@ async fn drive_stream(
     state: &AppState,
     task: &Task,
     mut relay: RelaySubscription,
-    mut events: tokio::sync::broadcast::Receiver<StoreEvent>,
+    mut events: crate::state::FinishWatch,
     timeout: Duration,
     out: &mut Tx,
 ) -> ApiResult<()> {
