@@ -32,7 +32,7 @@ use crate::error::{ApiError, ApiResult, Json, parse_json};
 use crate::state::{AppState, RelayMsg, now_ms};
 use crate::store::{
     AllowlistSource, NewAuditEntry, NewSession, NewTask, PrivacySetting, RetentionPolicy,
-    SealingPolicy, Session, SessionKind, StoreEvent, Task, TaskState,
+    SealingPolicy, Session, SessionKind, Task, TaskState,
 };
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -1130,18 +1130,8 @@ pub(super) async fn wait_final(
         if t.state.is_final() {
             return Ok(Some(t));
         }
-        let wake = async {
-            loop {
-                match events.recv().await {
-                    Ok(StoreEvent::TaskFinished { task_id: id }) if id == task_id => return,
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => return,
-                    Err(RecvError::Closed) => futures::future::pending::<()>().await,
-                }
-            }
-        };
         tokio::select! {
-            _ = wake => {}
+            _ = events.ended() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = tokio::time::sleep_until(deadline) => return Ok(None),
         }
@@ -1437,7 +1427,6 @@ async fn drive_stream(
     }
     let _ = sent_role;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
-    let mut events_open = true;
     loop {
         tokio::select! {
             msg = relay.rx.recv(), if relay_ok && !relay_ended => {
@@ -1473,18 +1462,7 @@ async fn drive_stream(
                     Err(_) => relay_ok = false,
                 }
             }
-            ev = events.recv(), if events_open => {
-                // Only this task's end (or events missed) is worth a look at the store; other
-                // tasks' events would cost every open stream a read per event.
-                match ev {
-                    Ok(StoreEvent::TaskFinished { task_id }) if task_id == task.id => {}
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => {
-                        events_open = false;
-                        continue;
-                    }
-                }
+            _ = events.ended() => {
                 if let Some(done) = finished(state, task.id).await? {
                     return finish_stream(state, &done, k_task, shape, out, emitted, relay_ok && relay_ended, hasher.clone()).await;
                 }

@@ -63,7 +63,7 @@ use crate::limits::Permit;
 use crate::state::{AppState, RelayMsg, RelaySubscription, now_ms};
 use crate::store::{
     AllowlistSource, ApiKey, NewAuditEntry, NewSession, NewTask, PrivacySetting, ReadTokenRecord,
-    SealedBy, SealingPolicy, Session, SessionKind, StoreError, StoreEvent, Task, TaskState,
+    SealedBy, SealingPolicy, Session, SessionKind, StoreError, Task, TaskState,
 };
 
 /// Longest `wait_ms` of `GET /api/v3/tasks/{task_id}`.
@@ -1651,11 +1651,7 @@ async fn drive_stream(
                 }
                 false
             }
-            ev = events.recv() => match ev {
-                Ok(StoreEvent::TaskFinished { task_id }) => task_id == task.id,
-                Ok(_) => false,
-                Err(_) => true,
-            },
+            _ = events.ended() => true,
             _ = poll.tick() => true,
             _ = tokio::time::sleep_until(deadline) => {
                 // Not final in time: end without `done`; the client polls the task instead.
