@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod key_lifecycle;
+pub mod lease_polls;
 pub mod limits;
 pub mod retention;
 pub mod server;

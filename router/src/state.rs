@@ -36,6 +36,8 @@ pub struct Inner {
     pub relay: Relay,
     /// Wakes the requests waiting for a task's end, and only them.
     pub finished: Finished,
+    /// Waiting lease polls, woken one per new task.
+    pub lease_polls: crate::lease_polls::LeasePolls,
     /// Results stored through this replica, awaiting their `TaskResult`.
     pub stored_results: StoredResults,
     /// Prometheus exposition.
@@ -60,6 +62,7 @@ impl AppState {
         acl: Option<crate::acl::Acl>,
     ) -> Self {
         let finished = Finished::start(store.subscribe());
+        let lease_polls = crate::lease_polls::LeasePolls::start(store.subscribe());
         Self(Arc::new(Inner {
             cfg,
             store,
@@ -69,6 +72,7 @@ impl AppState {
             miner_sessions: Default::default(),
             relay: Relay::default(),
             finished,
+            lease_polls,
             stored_results: StoredResults::default(),
             metrics,
             acl,

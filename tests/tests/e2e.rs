@@ -219,6 +219,84 @@ async fn private_session_reaches_only_allowed_miner() {
     router.stop().await;
 }
 
+/// A miner client logged in for `tiny`, with its address.
+async fn logged_in_client(router: &TestRouter) -> (veil_miner::MinerClient, String) {
+    let client = veil_miner::MinerClient::new(&router.url).unwrap();
+    let (wallet, address) = veil_tests::harness::wallet();
+    let x = veil_keys::X25519Secret::generate().unwrap();
+    let cfg = client.config().await.unwrap();
+    let login = veil_miner::sign::sign_login(&wallet, &cfg.domain, &x.public())
+        .await
+        .unwrap();
+    let resp = client
+        .login(&veil_api::miner::LoginRequest {
+            login,
+            models: vec![veil_api::miner::ServedModel {
+                name: "tiny".into(),
+                sha256: None,
+            }],
+        })
+        .await
+        .unwrap();
+    client.set_token(Some(resp.token));
+    (client, address)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_task_reaches_an_allowed_miner_waiting_behind_an_unlisted_one() {
+    // A new task wakes one waiting lease poll, the longest-waiting. Here that is the poll of a
+    // miner the session does not allow: it finds nothing and must pass the wake on to the
+    // allowed miner's poll, whose wait (shorter than the router's one-second re-look) would
+    // otherwise end empty.
+    let dir = tempfile::tempdir().unwrap();
+    let router = TestRouter::start(TestRouter::settings(dir.path())).await;
+    let key = router.admin().to_string();
+    let (a, a_addr) = logged_in_client(&router).await;
+    let (b, _) = logged_in_client(&router).await;
+    let session = router
+        .private_session(&key, std::slice::from_ref(&a_addr))
+        .await;
+
+    let b_poll = tokio::spawn(async move {
+        b.lease(&veil_api::miner::LeaseRequest {
+            wait_ms: 1_500,
+            models: None,
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a_poll = tokio::spawn(async move {
+        a.lease(&veil_api::miner::LeaseRequest {
+            wait_ms: 900,
+            models: None,
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut body = chat("for the allowed miner", 4);
+    body["session_id"] = json!(session);
+    let url = router.url.clone();
+    let call = tokio::spawn(async move {
+        http()
+            .post(format!("{url}/api/v2/completions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+    });
+    let lease = a_poll
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the allowed miner's poll got the task before its wait ended");
+    assert_eq!(lease.session_id.to_string(), session);
+    let b_got = b_poll.await.unwrap().unwrap();
+    assert!(b_got.is_none(), "the unlisted miner leased {b_got:?}");
+    call.abort();
+    router.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn miner_killed_mid_lease_task_completes_once_elsewhere() {
     logs();

@@ -6,6 +6,7 @@
 //! key the miner logged in with, when the session still allows the miner. Every release and
 //! every refusal is audited.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -29,7 +30,7 @@ use crate::error::{ApiError, ApiResult, Json};
 use crate::state::{AppState, RelayMsg, StoredResult, now_ms};
 use crate::store::{
     CompleteOutcome, LeaseQuery, LeasedTask, NewAuditEntry, NewMinerSession, StoreError,
-    StoreEvent, TaskResultRecord,
+    TaskResultRecord,
 };
 
 /// Longest long-poll.
@@ -229,11 +230,15 @@ async fn lease(
     }
     let models = leasable_models(&state, &m, req.models.as_deref())?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms);
-    let mut events = state.store.subscribe();
+    let models: Arc<[String]> = models.into();
+    // The wake that brought this poll back to the queue, if any.
+    let mut woken_by = None;
     loop {
+        // Queued before the look, so that a task arriving after it wakes this poll.
+        let mut wait = state.lease_polls.wait(&m.miner, Arc::clone(&models));
         let q = LeaseQuery {
             miner: m.miner.clone(),
-            models: models.clone(),
+            models: models.to_vec(),
             now_ms: now_ms(),
             ttl_ms: state.cfg.lease_ttl_ms as i64,
             lease_id: Uuid::now_v7(),
@@ -241,6 +246,7 @@ async fn lease(
         };
         let t_lease = std::time::Instant::now();
         if let Some(l) = state.store.lease(&q).await? {
+            drop(wait);
             metrics::counter!("veil_leases_granted_total").increment(1);
             // How long the task waited in the queue before this lease (first attempt only).
             if l.attempt == 1 {
@@ -265,27 +271,22 @@ async fn lease(
                 .record(t_lease.elapsed().as_secs_f64());
             return Ok(Json(lease_json(&state, &l)).into_response());
         }
-        // Wait for a task of one of our models (any replica), or poll again now and then in
+        // Nothing for this miner: whatever woke this poll may be for another miner.
+        if let Some(w) = woken_by.take() {
+            state.lease_polls.pass_on(w, Some(&m.miner));
+        }
+        // Wait for a task of one of our models (any replica), or look again now and then in
         // case an event was missed.
-        let wake = async {
-            loop {
-                match events.recv().await {
-                    Ok(StoreEvent::TaskAvailable { model }) if models.contains(&model) => return,
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        futures::future::pending::<()>().await
-                    }
-                }
-            }
-        };
         let poll = tokio::time::sleep(Duration::from_millis(1000));
         tokio::select! {
-            _ = wake => {}
+            w = wait.woken() => woken_by = Some(w),
             _ = poll => {}
             _ = tokio::time::sleep_until(deadline) => return Ok(StatusCode::NO_CONTENT.into_response()),
         }
         if tokio::time::Instant::now() >= deadline {
+            if let Some(w) = woken_by.take() {
+                state.lease_polls.pass_on(w, None);
+            }
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }

@@ -836,18 +836,31 @@ impl Store for SqliteStore {
         if any.is_none() {
             return Ok(None);
         }
-        // Two round trips to the writer's thread: take the write lock and mark the task leased,
-        // then record the lease and commit.
+        // One round trip to the writer's thread: take the write lock, record the lease of the
+        // candidate, mark its task leased, note the session as served, commit. When another
+        // poll took the candidate meanwhile, every statement finds nothing and the empty
+        // transaction commits.
         let mut tx = self.writer.begin_deferred().await?;
         let expires = req.now_ms.saturating_add(req.ttl_ms);
         let r = async {
             let leased = sqlx::query_as::<_, TaskRow>(concat!(
-                "BEGIN IMMEDIATE; UPDATE tasks SET state = 'leased', attempts = attempts + 1, \
-                 lease_id = $5, leased_by = $3, lease_expires_at_ms = $6 \
-                 WHERE state = 'queued' AND id = (",
+                "BEGIN IMMEDIATE; \
+                 INSERT INTO leases (lease_id, task_id, miner, attempt, created_at_ms, \
+                 expires_at_ms) SELECT $5, id, $3, attempts + 1, $2, $6 FROM tasks \
+                 WHERE id = (",
                 lease_candidate!(),
-                ") RETURNING ",
-                task_columns!()
+                "); \
+                 UPDATE tasks SET state = 'leased', attempts = attempts + 1, \
+                 lease_id = $5, leased_by = $3, lease_expires_at_ms = $6 \
+                 WHERE state = 'queued' AND id = (SELECT task_id FROM leases WHERE lease_id = $5) \
+                 RETURNING ",
+                task_columns!(),
+                "; \
+                 INSERT INTO session_service (session_id, last_served) \
+                 SELECT t.session_id, (SELECT COALESCE(MAX(last_served), 0) + 1 FROM session_service) \
+                 FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.lease_id = $5 \
+                 ON CONFLICT (session_id) DO UPDATE SET last_served = excluded.last_served; \
+                 COMMIT"
             ))
             .bind(&models)
             .bind(req.now_ms)
@@ -858,30 +871,12 @@ impl Store for SqliteStore {
             // All rows, so that every statement runs.
             .fetch_all(&mut *tx)
             .await
-            .map_err(db_err)?;
+            .map_err(insert_err("lease"))?;
             let Some(row) = leased.into_iter().next() else {
                 // Taken meanwhile: nothing changed.
-                return Ok((None, false));
+                return Ok((None, true));
             };
             let task = row.into_task()?;
-            sqlx::query(
-                "INSERT INTO leases (lease_id, task_id, miner, attempt, created_at_ms, \
-                 expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6); \
-                 INSERT INTO session_service (session_id, last_served) VALUES ($7, \
-                 (SELECT COALESCE(MAX(last_served), 0) + 1 FROM session_service)) \
-                 ON CONFLICT (session_id) DO UPDATE SET last_served = excluded.last_served; \
-                 COMMIT",
-            )
-            .bind(req.lease_id)
-            .bind(task.id)
-            .bind(&req.miner)
-            .bind(i64::from(task.attempts))
-            .bind(req.now_ms)
-            .bind(expires)
-            .bind(task.session_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(insert_err("lease"))?;
             let leased = LeasedTask {
                 lease_id: req.lease_id,
                 lease_expires_at_ms: expires,
@@ -997,8 +992,48 @@ impl Store for SqliteStore {
         r: &TaskResultRecord,
         now_ms: i64,
     ) -> Result<CompleteOutcome> {
-        // Two round trips to the writer's thread: take the write lock and read the lease with
-        // its task, then record the result and commit.
+        // The usual case in one round trip to the writer's thread: the lease is this miner's
+        // and its task has no result and is not final, so the result is recorded at once.
+        let mut tx = self.writer.begin_deferred().await?;
+        let quick = async {
+            let row = sqlx::query_as::<_, TaskRow>(concat!(
+                "BEGIN IMMEDIATE; \
+                 UPDATE tasks SET state = 'completed', result_urn = $3, result_hash = $4, \
+                 result_size = $5, result_miner = $6, result_signature = $7, prompt_tokens = $8, \
+                 completion_tokens = $9, finish_reason = $10, finished_at_ms = $11, \
+                 lease_expires_at_ms = NULL \
+                 WHERE id = (SELECT task_id FROM leases WHERE lease_id = $1 AND miner = $2) \
+                 AND result_urn IS NULL AND state IN ('queued', 'leased') RETURNING ",
+                task_columns!(),
+                "; COMMIT"
+            ))
+            .bind(lease_id)
+            .bind(miner)
+            .bind(&r.result_urn)
+            .bind(&r.result_hash[..])
+            .bind(sql::to_i64(r.result_size, "result_size")?)
+            .bind(&r.miner)
+            .bind(&r.signature)
+            .bind(i64::from(r.prompt_tokens))
+            .bind(i64::from(r.completion_tokens))
+            .bind(&r.finish_reason)
+            .bind(now_ms)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            Ok((row.into_iter().next(), true))
+        }
+        .await;
+        if let Some(row) = tx.end(quick).await? {
+            let task = row.into_task()?;
+            let _ = self
+                .events
+                .send(StoreEvent::TaskFinished { task_id: task.id });
+            return Ok(CompleteOutcome::Accepted(task));
+        }
+        // Otherwise, two round trips: take the write lock and read the lease with its task to
+        // tell why (another miner's lease, a duplicate, a final task), then record the result
+        // if it may still be (a state that changed between the two) and commit.
         let mut tx = self.writer.begin_deferred().await?;
         let r = async {
             let row = sqlx::query_as::<_, sql::LeaseTaskRow>(concat!(
