@@ -413,3 +413,21 @@ macro_rules! bind_switch {
     };
 }
 pub(super) use bind_switch;
+
+super::lite::named_row!(UsageRow {
+    key_version,
+    tasks,
+    prompt_blobs,
+    result_blobs
+});
+super::lite::named_row!(RewrapRow {
+    id,
+    task_id,
+    old_version,
+    new_version,
+    old_prompt_urn,
+    old_result_urn,
+    new_prompt_urn,
+    new_result_urn,
+    state,
+});

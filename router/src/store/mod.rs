@@ -15,6 +15,7 @@ use uuid::Uuid;
 mod conns;
 mod group;
 mod lifecycle;
+mod lite;
 mod model;
 mod postgres;
 mod sql;

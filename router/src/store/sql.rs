@@ -111,16 +111,6 @@ pub(super) fn mark_deleted_sql(kind: BlobKind) -> &'static str {
     }
 }
 
-/// [`mark_deleted_sql`] after a `BEGIN IMMEDIATE` (SQLite, one round trip for both), returning
-/// the task's id when it recorded the deletion. (Rows, not a count: SQLite's change count
-/// after `BEGIN` is the previous statement's, so a summed count would be wrong.)
-pub(super) fn begin_mark_deleted_sql(kind: BlobKind) -> &'static str {
-    match kind {
-        BlobKind::Prompt => concat!("BEGIN IMMEDIATE; ", mark_prompt_deleted!(), " RETURNING id"),
-        BlobKind::Result => concat!("BEGIN IMMEDIATE; ", mark_result_deleted!(), " RETURNING id"),
-    }
-}
-
 /// Replaces a session's retention and sealing policy.
 pub(super) const SET_SESSION_POLICY: &str = "UPDATE sessions SET prompt_on_delivery = $2, \
     prompt_ttl_ms = $3, result_ttl_ms = $4, result_on_fetch = $5, sealing = $6 WHERE id = $1";
@@ -345,11 +335,18 @@ impl TaskRow {
 macro_rules! lease_with_task {
     () => {
         "SELECT l.lease_id AS l_lease_id, l.task_id AS l_task_id, l.miner AS l_miner, \
-         l.attempt AS l_attempt, l.expires_at_ms AS l_expires_at_ms, t.* \
+         l.attempt AS l_attempt, l.expires_at_ms AS l_expires_at_ms, \
+         t.id, t.session_id, t.prompt_urn, t.prompt_hash, t.prompt_scope, t.key_version, \
+         t.model, t.params, t.state, t.attempts, t.max_attempts, t.created_at_ms, \
+         t.deadline_ms, t.submitted_by, t.lease_id, t.leased_by, t.lease_expires_at_ms, \
+         t.result_urn, t.result_hash, t.result_size, t.result_miner, t.result_signature, \
+         t.prompt_tokens, t.completion_tokens, t.finish_reason, t.error_code, \
+         t.error_message, t.finished_at_ms, t.delivered_at_ms, t.prompt_deleted_at_ms, \
+         t.result_deleted_at_ms, t.sealed_by \
          FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.lease_id = $1"
     };
 }
-pub(super) use lease_with_task;
+
 pub(super) const LEASE_WITH_TASK: &str = lease_with_task!();
 
 /// A row of [`LEASE_WITH_TASK`].
@@ -746,4 +743,139 @@ pub(super) fn insert_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> Stor
 /// `NotFound { what }` for a missing row.
 pub(super) fn found<T>(row: Option<T>, what: &'static str) -> Result<T> {
     row.ok_or(StoreError::NotFound { what })
+}
+
+// --- rows as the SQLite store reads them --------------------------------------------------------
+
+use super::lite::{FromRow, named_row};
+
+named_row!(DueRow {
+    id,
+    session_id,
+    kind,
+    urn,
+    hash,
+    key_version,
+    reason
+});
+named_row!(SessionRow {
+    id,
+    owner,
+    kind,
+    private,
+    allowlist_source,
+    created_at_ms,
+    expires_at_ms,
+    closed_at_ms,
+    prompt_on_delivery,
+    prompt_ttl_ms,
+    result_ttl_ms,
+    result_on_fetch,
+    sealing,
+});
+named_row!(TaskRow {
+    id,
+    session_id,
+    prompt_urn,
+    prompt_hash,
+    prompt_scope,
+    key_version,
+    model,
+    params,
+    state,
+    attempts,
+    max_attempts,
+    created_at_ms,
+    deadline_ms,
+    submitted_by,
+    lease_id,
+    leased_by,
+    lease_expires_at_ms,
+    result_urn,
+    result_hash,
+    result_size,
+    result_miner,
+    result_signature,
+    prompt_tokens,
+    completion_tokens,
+    finish_reason,
+    error_code,
+    error_message,
+    finished_at_ms,
+    delivered_at_ms,
+    prompt_deleted_at_ms,
+    result_deleted_at_ms,
+    sealed_by,
+});
+named_row!(LeaseRow {
+    lease_id,
+    task_id,
+    miner,
+    attempt,
+    expires_at_ms
+});
+named_row!(ApiKeyRow {
+    id,
+    owner,
+    prefix,
+    admin,
+    rate_per_minute,
+    max_concurrent,
+    default_session,
+    created_at_ms,
+    revoked_at_ms,
+});
+named_row!(MinerSessionRow {
+    token_hash,
+    miner,
+    recipient,
+    models,
+    created_at_ms,
+    expires_at_ms
+});
+named_row!(ReadTokenRow {
+    token_hash,
+    owner,
+    session_id,
+    created_at_ms,
+    expires_at_ms
+});
+named_row!(AuditRow {
+    seq,
+    at_ms,
+    actor,
+    action,
+    session_id,
+    task_id,
+    miner,
+    key_version,
+    detail,
+    prev_hash,
+    hash,
+});
+named_row!(AuditHead { seq, hash });
+
+/// Columns of a [`SessionRow`].
+const SESSION_COLUMNS: usize = 13;
+
+impl FromRow for SessionMinersRow {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            session: SessionRow::from_row(r)?,
+            miners: r.get(SESSION_COLUMNS)?,
+        })
+    }
+}
+
+impl FromRow for LeaseTaskRow {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            l_lease_id: r.get("l_lease_id")?,
+            l_task_id: r.get("l_task_id")?,
+            l_miner: r.get("l_miner")?,
+            l_attempt: r.get("l_attempt")?,
+            l_expires_at_ms: r.get("l_expires_at_ms")?,
+            task: TaskRow::from_row_at(r, 5)?,
+        })
+    }
 }
