@@ -11,12 +11,16 @@
 
 use std::ops::Deref;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use super::Result;
-use super::lite::db_err;
+use super::lite::{db_err, is_busy};
+
+/// The longest sleep between two tries for a write lock held by another process.
+const MAX_BUSY_PAUSE: Duration = Duration::from_millis(50);
 
 /// A fixed set of connections.
 #[derive(Debug)]
@@ -63,13 +67,23 @@ impl Conns {
         }))
     }
 
-    /// A write transaction: `BEGIN IMMEDIATE` takes SQLite's write lock up front.
-    pub(super) async fn begin(&self) -> Result<WriteTx> {
+    /// A write transaction: `BEGIN IMMEDIATE` takes SQLite's write lock up front. While another
+    /// process holds the lock (the connection answers "busy" at once when its busy timeout is
+    /// zero), it tries again after a sleep, for up to `busy_wait`, without holding a thread.
+    pub(super) async fn begin(&self, busy_wait: Duration) -> Result<WriteTx> {
         let Conn(lent) = self.take().await?;
-        lent.guard
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(db_err)?;
-        Ok(WriteTx(Some(lent)))
+        let deadline = tokio::time::Instant::now() + busy_wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match lent.guard.execute_batch("BEGIN IMMEDIATE") {
+                Ok(()) => return Ok(WriteTx(Some(lent))),
+                Err(e) if is_busy(&e) && tokio::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_BUSY_PAUSE);
+                }
+                Err(e) => return Err(db_err(e)),
+            }
+        }
     }
 }
 
@@ -173,10 +187,10 @@ mod tests {
     #[tokio::test]
     async fn committed_work_stays_and_rolled_back_work_goes() {
         let c = conns(1);
-        let tx = c.begin().await.unwrap();
+        let tx = c.begin(Duration::ZERO).await.unwrap();
         insert(&tx);
         tx.commit().unwrap();
-        let tx = c.begin().await.unwrap();
+        let tx = c.begin(Duration::ZERO).await.unwrap();
         insert(&tx);
         tx.rollback();
         assert_eq!(count(&c).await, 1);
@@ -186,7 +200,7 @@ mod tests {
     async fn a_transaction_dropped_midway_is_rolled_back_at_once() {
         let c = conns(2);
         {
-            let tx = c.begin().await.unwrap();
+            let tx = c.begin(Duration::ZERO).await.unwrap();
             insert(&tx);
         }
         // The write lock is free again: another connection writes without waiting.
@@ -194,7 +208,7 @@ mod tests {
         other.execute("INSERT INTO t (v) VALUES (2)", []).unwrap();
         drop(other);
         assert_eq!(count(&c).await, 1);
-        let tx = c.begin().await.unwrap();
+        let tx = c.begin(Duration::ZERO).await.unwrap();
         insert(&tx);
         tx.commit().unwrap();
         assert_eq!(count(&c).await, 2);

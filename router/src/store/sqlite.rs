@@ -66,9 +66,11 @@ macro_rules! lease_candidate {
 }
 const LEASE_CANDIDATE: &str = lease_candidate!();
 
-/// How long a statement waits for a lock held by another process (another store on the same
-/// file, or the operator's CLI) before giving up. Within a process, writers queue for the one
-/// write connection instead, without blocking a thread.
+/// How long a write waits for the write lock held by another process (another store on the
+/// same file, or the operator's CLI) before giving up; the wait is asynchronous (see
+/// [`Conns::begin`]). Within a process, writers queue for the one write connection instead.
+/// Readers (which in WAL mode wait only in rare cases) and migrations wait as long in SQLite's
+/// busy handler.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read connections per store (WAL readers run in parallel with the writer).
 const READERS: usize = 4;
@@ -214,6 +216,9 @@ impl SqliteStore {
         for _ in 0..READERS {
             readers.push(open().map_err(db_err)?);
         }
+        // `BEGIN IMMEDIATE` on the writer answers "busy" at once, and the store waits for the
+        // lock without holding a thread.
+        writer.busy_timeout(Duration::ZERO).map_err(db_err)?;
         let writer = Arc::new(Conns::new(vec![writer]));
         let checkpoints = {
             let c = open().map_err(db_err)?;
@@ -241,7 +246,7 @@ impl SqliteStore {
 
     /// A write transaction holding SQLite's write lock from its first statement.
     async fn write(&self) -> Result<Tx> {
-        self.writer.begin().await
+        self.writer.begin(BUSY_TIMEOUT).await
     }
 
     /// Ends a transaction: commits it and publishes the events of a successful body, or rolls
@@ -613,6 +618,7 @@ impl Store for SqliteStore {
     // --- API keys ---------------------------------------------------------------------------
 
     async fn create_api_key(&self, k: &NewApiKey) -> Result<ApiKey> {
+        let tx = self.write().await?;
         let row = query_as::<ApiKeyRow>(concat!(
             "INSERT INTO api_keys (id, owner, hash, prefix, admin, rate_per_minute, \
              max_concurrent, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING ",
@@ -626,8 +632,9 @@ impl Store for SqliteStore {
         .bind(i64::from(k.rate_per_minute))
         .bind(i64::from(k.max_concurrent))
         .bind(k.created_at_ms)
-        .fetch_one(&*self.writer.take().await?)
+        .fetch_one(&tx)
         .map_err(insert_err("api_key"))?;
+        tx.commit()?;
         row.into_api_key()
     }
 
@@ -657,6 +664,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_api_key(&self, id: Uuid, now_ms: i64) -> Result<ApiKey> {
+        let tx = self.write().await?;
         let row = query_as::<ApiKeyRow>(concat!(
             "UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1 \
              RETURNING ",
@@ -664,8 +672,9 @@ impl Store for SqliteStore {
         ))
         .bind(id)
         .bind(now_ms)
-        .fetch_optional(&*self.writer.take().await?)
+        .fetch_optional(&tx)
         .map_err(db_err)?;
+        tx.commit()?;
         found(row, "api_key")?.into_api_key()
     }
 
@@ -696,6 +705,7 @@ impl Store for SqliteStore {
     // --- miners -----------------------------------------------------------------------------
 
     async fn create_miner_session(&self, m: &NewMinerSession) -> Result<()> {
+        let tx = self.write().await?;
         query(
             "INSERT INTO miner_sessions (token_hash, miner, recipient, models, created_at_ms, \
              expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -706,8 +716,9 @@ impl Store for SqliteStore {
         .bind(sql::models_json(&m.models)?)
         .bind(m.created_at_ms)
         .bind(m.expires_at_ms)
-        .execute(&*self.writer.take().await?)
+        .execute(&tx)
         .map_err(insert_err("miner_session"))?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -735,6 +746,7 @@ impl Store for SqliteStore {
     // --- replay protection ------------------------------------------------------------------
 
     async fn use_nonce(&self, signer: &str, nonce: &[u8; 16], expires_at_ms: i64) -> Result<()> {
+        let tx = self.write().await?;
         let done = query(
             "INSERT INTO nonces (signer, nonce, expires_at_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (signer, nonce) DO NOTHING",
@@ -742,8 +754,9 @@ impl Store for SqliteStore {
         .bind(signer)
         .bind(&nonce[..])
         .bind(expires_at_ms)
-        .execute(&*self.writer.take().await?)
+        .execute(&tx)
         .map_err(db_err)?;
+        tx.commit()?;
         if done.rows_affected() == 0 {
             return Err(StoreError::AlreadyExists { what: "nonce" });
         }
@@ -751,24 +764,28 @@ impl Store for SqliteStore {
     }
 
     async fn prune_nonces(&self, now_ms: i64) -> Result<u64> {
+        let tx = self.write().await?;
         let done = query("DELETE FROM nonces WHERE expires_at_ms < $1")
             .bind(now_ms)
-            .execute(&*self.writer.take().await?)
+            .execute(&tx)
             .map_err(db_err)?;
+        tx.commit()?;
         Ok(done.rows_affected())
     }
 
     // --- v3 read tokens -----------------------------------------------------------------------
 
     async fn create_read_token(&self, t: &ReadTokenRecord) -> Result<()> {
+        let tx = self.write().await?;
         let done = query(sql::INSERT_READ_TOKEN)
             .bind(&t.token_hash[..])
             .bind(&t.owner)
             .bind(t.session_id)
             .bind(t.created_at_ms)
             .bind(t.expires_at_ms)
-            .execute(&*self.writer.take().await?)
+            .execute(&tx)
             .map_err(insert_err("read_token"))?;
+        tx.commit()?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound { what: "session" });
         }
@@ -785,18 +802,20 @@ impl Store for SqliteStore {
     }
 
     async fn prune_read_tokens(&self, now_ms: i64) -> Result<u64> {
+        let tx = self.write().await?;
         let done = query(sql::PRUNE_READ_TOKENS)
             .bind(now_ms)
-            .execute(&*self.writer.take().await?)
+            .execute(&tx)
             .map_err(db_err)?;
+        tx.commit()?;
         Ok(done.rows_affected())
     }
 
     // --- tasks and the queue ----------------------------------------------------------------
 
     async fn enqueue(&self, t: &NewTask) -> Result<Task> {
-        // One statement, so its own transaction: the task goes in only while its session is
-        // open at `created_at_ms`.
+        // One statement: the task goes in only while its session is open at `created_at_ms`.
+        let tx = self.write().await?;
         let row = query_as::<TaskRow>(concat!(
             "INSERT INTO tasks (id, session_id, prompt_urn, prompt_hash, prompt_scope, \
              key_version, model, params, state, attempts, max_attempts, created_at_ms, \
@@ -820,8 +839,9 @@ impl Store for SqliteStore {
         .bind(t.deadline_ms)
         .bind(&t.submitted_by)
         .bind(t.sealed_by.as_str())
-        .fetch_optional(&*self.writer.take().await?)
+        .fetch_optional(&tx)
         .map_err(insert_err("task"))?;
+        tx.commit()?;
         let Some(row) = row else {
             // Nothing inserted: say why.
             self.get_session(t.session_id).await?;
@@ -1152,12 +1172,13 @@ impl Store for SqliteStore {
     }
 
     async fn mark_delivered(&self, task_id: Uuid, now_ms: i64) -> Result<bool> {
-        // One statement: its own transaction.
+        let tx = self.write().await?;
         let done = query(sql::MARK_DELIVERED)
             .bind(task_id)
             .bind(now_ms)
-            .execute(&*self.writer.take().await?)
+            .execute(&tx)
             .map_err(db_err)?;
+        tx.commit()?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -1396,5 +1417,42 @@ mod tests {
             }
         }
         panic!("the nonce never reached the database file");
+    }
+
+    // A current-thread runtime: a write that waited in SQLite's busy handler would stop the
+    // ticks below for as long as it waited.
+    #[tokio::test]
+    async fn a_write_waits_for_another_process_lock_without_holding_the_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("veil.db");
+        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        // Another connection, standing in for another process, holds the write lock a while.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let hold = Duration::from_millis(400);
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(hold);
+            other.execute_batch("COMMIT").unwrap();
+        });
+        let started = std::time::Instant::now();
+        let write = tokio::spawn({
+            let store = store.clone();
+            async move { store.use_nonce("0xabc", &[1; 16], i64::MAX).await }
+        });
+        let mut ticks = 0;
+        while !write.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            ticks += 1;
+        }
+        write.await.unwrap().unwrap();
+        release.join().unwrap();
+        assert!(started.elapsed() >= hold, "the write waited for the lock");
+        assert!(
+            ticks >= 10,
+            "the thread ran other tasks meanwhile ({ticks} ticks)"
+        );
     }
 }
