@@ -163,24 +163,7 @@ async fn private_session_reaches_only_allowed_miner() {
         .as_str()
         .unwrap()
         .to_string();
-    let b_client = veil_miner::MinerClient::new(&router.url).unwrap();
-    let (b_wallet, _) = veil_tests::harness::wallet();
-    let b_x = veil_keys::X25519Secret::generate().unwrap();
-    let cfg = b_client.config().await.unwrap();
-    let login = veil_miner::sign::sign_login(&b_wallet, &cfg.domain, &b_x.public())
-        .await
-        .unwrap();
-    let resp = b_client
-        .login(&veil_api::miner::LoginRequest {
-            login,
-            models: vec![veil_api::miner::ServedModel {
-                name: "tiny".into(),
-                sha256: None,
-            }],
-        })
-        .await
-        .unwrap();
-    b_client.set_token(Some(resp.token));
+    let stealer = logged_in_client(&router).await;
     let task_id = router.audit("task.lease").await[0]["task_id"]
         .as_str()
         .unwrap()
@@ -200,10 +183,15 @@ async fn private_session_reaches_only_allowed_miner() {
         lease_expires_at_ms: 0,
         lease_ttl_ms: 0,
     };
-    let req = veil_miner::sign::sign_key_request(&b_wallet, &cfg.domain, &fake, &b_x.public())
-        .await
-        .unwrap();
-    let err = b_client.key(fake.lease_id, &req).await.unwrap_err();
+    let req = veil_miner::sign::sign_key_request(
+        &stealer.wallet,
+        &stealer.domain,
+        &fake,
+        &stealer.x.public(),
+    )
+    .await
+    .unwrap();
+    let err = stealer.client.key(fake.lease_id, &req).await.unwrap_err();
     assert_eq!(err.status(), Some(403), "{err}");
     assert_eq!(err.code(), "lease_not_held", "{err}");
     assert!(!router.audit("key.deny").await.is_empty());
@@ -219,13 +207,21 @@ async fn private_session_reaches_only_allowed_miner() {
     router.stop().await;
 }
 
-/// A miner client logged in for `tiny`, with its address.
-async fn logged_in_client(router: &TestRouter) -> (veil_miner::MinerClient, String) {
+/// A raw miner client logged in for `tiny` under a fresh wallet and X25519 key.
+struct LoggedIn {
+    client: veil_miner::MinerClient,
+    address: String,
+    wallet: alloy_signer_local::PrivateKeySigner,
+    x: veil_keys::X25519Secret,
+    domain: veil_api::eip712::Domain,
+}
+
+async fn logged_in_client(router: &TestRouter) -> LoggedIn {
     let client = veil_miner::MinerClient::new(&router.url).unwrap();
     let (wallet, address) = veil_tests::harness::wallet();
     let x = veil_keys::X25519Secret::generate().unwrap();
-    let cfg = client.config().await.unwrap();
-    let login = veil_miner::sign::sign_login(&wallet, &cfg.domain, &x.public())
+    let domain = client.config().await.unwrap().domain;
+    let login = veil_miner::sign::sign_login(&wallet, &domain, &x.public())
         .await
         .unwrap();
     let resp = client
@@ -239,7 +235,13 @@ async fn logged_in_client(router: &TestRouter) -> (veil_miner::MinerClient, Stri
         .await
         .unwrap();
     client.set_token(Some(resp.token));
-    (client, address)
+    LoggedIn {
+        client,
+        address,
+        wallet,
+        x,
+        domain,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -251,8 +253,10 @@ async fn a_new_task_reaches_an_allowed_miner_waiting_behind_an_unlisted_one() {
     let dir = tempfile::tempdir().unwrap();
     let router = TestRouter::start(TestRouter::settings(dir.path())).await;
     let key = router.admin().to_string();
-    let (a, a_addr) = logged_in_client(&router).await;
-    let (b, _) = logged_in_client(&router).await;
+    let a = logged_in_client(&router).await;
+    let a_addr = a.address.clone();
+    let b = logged_in_client(&router).await.client;
+    let a = a.client;
     let session = router
         .private_session(&key, std::slice::from_ref(&a_addr))
         .await;

@@ -92,7 +92,7 @@ impl Arg for &Option<String> {
     }
 }
 
-/// A row a statement returns: a row struct (columns by name) or a single column.
+/// A row a statement returns: a row struct (columns in field order) or a single column.
 pub(super) trait FromRow: Sized {
     fn from_row(r: &Row<'_>) -> rusqlite::Result<Self>;
 

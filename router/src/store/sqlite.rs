@@ -1393,16 +1393,22 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn writes_reach_the_database_file_through_background_checkpoints() {
-        // The connections leave checkpoints to the store's own task: without it, committed
-        // pages would stay in the write-ahead log for as long as the store is open.
+    /// A migrated store on a file in a fresh directory.
+    async fn file_store() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("veil.db");
         let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
             .await
             .unwrap();
         store.migrate().await.unwrap();
+        (dir, path, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_reach_the_database_file_through_background_checkpoints() {
+        // The connections leave checkpoints to the store's own task: without it, committed
+        // pages would stay in the write-ahead log for as long as the store is open.
+        let (dir, path, store) = file_store().await;
         store.use_nonce("0xabc", &[7; 16], i64::MAX).await.unwrap();
         let copy = dir.path().join("copy.db");
         for _ in 0..100 {
@@ -1423,12 +1429,7 @@ mod tests {
     // ticks below for as long as it waited.
     #[tokio::test]
     async fn a_write_waits_for_another_process_lock_without_holding_the_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("veil.db");
-        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
+        let (_dir, path, store) = file_store().await;
         // Another connection, standing in for another process, holds the write lock a while.
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
