@@ -1082,6 +1082,18 @@ async fn rewrap_aborted_midway_is_finished_by_the_next_run() {
     }
     job.abort();
     let _ = job.await;
+    // A crashed process's writes end with it. An aborted task's do not: a blob write already
+    // handed to a blocking thread (the final rename of an upload) still lands. Wait until the
+    // blob directory is quiet, as a new process would start only after the old one had ended.
+    let mut last = files_under(&env.blob_dir());
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = files_under(&env.blob_dir());
+        if now == last {
+            break;
+        }
+        last = now;
+    }
     let p = env.state.rewrap.progress();
     assert!(!p.running && p.done < 30, "{p:?}");
     let p = key_lifecycle::rewrap(&env.state, &RewrapOptions::new("operator"), &|_| {})
