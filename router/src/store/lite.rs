@@ -9,88 +9,11 @@
 
 use std::marker::PhantomData;
 
-use rusqlite::types::Value;
-use rusqlite::{Connection, Row};
+use rusqlite::types::{ToSqlOutput, Value};
+use rusqlite::{Connection, Row, ToSql};
 use uuid::Uuid;
 
 use super::StoreError;
-
-/// A value a statement binds.
-pub(super) trait Arg {
-    fn value(self) -> Value;
-}
-
-impl Arg for Value {
-    fn value(self) -> Value {
-        self
-    }
-}
-impl Arg for i64 {
-    fn value(self) -> Value {
-        Value::Integer(self)
-    }
-}
-impl Arg for bool {
-    fn value(self) -> Value {
-        Value::Integer(i64::from(self))
-    }
-}
-impl Arg for Uuid {
-    fn value(self) -> Value {
-        Value::Blob(self.as_bytes().to_vec())
-    }
-}
-impl Arg for &str {
-    fn value(self) -> Value {
-        Value::Text(self.to_owned())
-    }
-}
-impl Arg for String {
-    fn value(self) -> Value {
-        Value::Text(self)
-    }
-}
-impl Arg for &String {
-    fn value(self) -> Value {
-        Value::Text(self.clone())
-    }
-}
-impl Arg for &[u8] {
-    fn value(self) -> Value {
-        Value::Blob(self.to_vec())
-    }
-}
-impl Arg for &Vec<u8> {
-    fn value(self) -> Value {
-        Value::Blob(self.clone())
-    }
-}
-impl<T: Arg> Arg for Option<T> {
-    fn value(self) -> Value {
-        self.map_or(Value::Null, Arg::value)
-    }
-}
-impl Arg for &Uuid {
-    fn value(self) -> Value {
-        (*self).value()
-    }
-}
-impl Arg for &i64 {
-    fn value(self) -> Value {
-        Value::Integer(*self)
-    }
-}
-impl Arg for &Option<Vec<u8>> {
-    fn value(self) -> Value {
-        self.as_ref()
-            .map_or(Value::Null, |v| Value::Blob(v.clone()))
-    }
-}
-impl Arg for &Option<String> {
-    fn value(self) -> Value {
-        self.as_deref().value()
-    }
-}
 
 /// A row a statement returns: a row struct (columns in field order) or a single column.
 pub(super) trait FromRow: Sized {
@@ -165,6 +88,8 @@ pub(super) use named_row;
 pub(super) struct Q<'s, T = ()> {
     sql: &'s str,
     args: Vec<Value>,
+    /// The first argument that could not be converted, reported when the statement runs.
+    bad_arg: Option<rusqlite::Error>,
     row: PhantomData<fn() -> T>,
 }
 
@@ -173,6 +98,7 @@ pub(super) fn query_as<T: FromRow>(sql: &str) -> Q<'_, T> {
     Q {
         sql,
         args: Vec::new(),
+        bad_arg: None,
         row: PhantomData,
     }
 }
@@ -204,13 +130,35 @@ impl Done {
 }
 
 impl<T: FromRow> Q<'_, T> {
-    pub(super) fn bind(mut self, v: impl Arg) -> Self {
-        self.args.push(v.value());
+    /// Adds the next argument (`$1`, `$2`, … in order), converted as rusqlite converts it.
+    pub(super) fn bind(mut self, v: impl ToSql) -> Self {
+        let owned = match v.to_sql() {
+            Ok(ToSqlOutput::Owned(v)) => Ok(v),
+            Ok(ToSqlOutput::Borrowed(r)) => {
+                Value::try_from(r).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+            }
+            Ok(_) => Err(rusqlite::Error::ToSqlConversionFailure(
+                "unsupported kind of parameter".into(),
+            )),
+            Err(e) => Err(e),
+        };
+        match owned {
+            Ok(v) => self.args.push(v),
+            Err(e) => {
+                self.bad_arg.get_or_insert(e);
+            }
+        }
         self
     }
 
     /// The statement, prepared once per connection, with the arguments bound by number.
-    fn prepared<'c>(&self, c: &'c Connection) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+    fn prepared<'c>(
+        &mut self,
+        c: &'c Connection,
+    ) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+        if let Some(e) = self.bad_arg.take() {
+            return Err(e);
+        }
         let mut stmt = c.prepare_cached(self.sql)?;
         for i in 1..=stmt.parameter_count() {
             let n: usize = stmt
@@ -228,7 +176,7 @@ impl<T: FromRow> Q<'_, T> {
     }
 
     /// Runs the statement to its end; every row it returns is read and dropped.
-    pub(super) fn execute(self, c: &Connection) -> rusqlite::Result<Done> {
+    pub(super) fn execute(mut self, c: &Connection) -> rusqlite::Result<Done> {
         let mut stmt = self.prepared(c)?;
         let mut rows = stmt.raw_query();
         while rows.next()?.is_some() {}
@@ -236,7 +184,7 @@ impl<T: FromRow> Q<'_, T> {
         Ok(Done(c.changes()))
     }
 
-    pub(super) fn fetch_all(self, c: &Connection) -> rusqlite::Result<Vec<T>> {
+    pub(super) fn fetch_all(mut self, c: &Connection) -> rusqlite::Result<Vec<T>> {
         let mut stmt = self.prepared(c)?;
         let mut rows = stmt.raw_query();
         let mut out = Vec::new();
