@@ -3,7 +3,9 @@
 //! Every state change runs in a `BEGIN IMMEDIATE` transaction (or is a single statement), which
 //! takes SQLite's single write lock up front, so leases are exclusive and the audit chain
 //! linear. Within a process, writers go through one connection and queue for it in order
-//! without blocking a thread (SQLite's own busy handler waits by sleeping); reads use a few
+//! without blocking a thread (SQLite's own busy handler waits by sleeping), and writes queued
+//! behind each other share one commit (group commit, see [`super::conns`]), each synced to the
+//! log before it is answered; reads use a few
 //! connections of their own and run in parallel with the writer (WAL). Statements run in place
 //! on the task that needs them (see [`super::lite`] and [`super::conns`]): on a warm connection
 //! they take microseconds, less than a hand-off to a driver thread and back. The write-ahead
@@ -147,9 +149,11 @@ fn configure(c: &Connection, file: bool) -> rusqlite::Result<()> {
     c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     c.execute_batch("PRAGMA foreign_keys = ON")?;
     if file {
-        // Commits append to the log without a sync (it is synced at each checkpoint): a power
-        // loss can lose the last commits, never corrupt the file.
-        c.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0")?;
+        // Each commit syncs the log before it returns, so that whatever the router has
+        // acknowledged (a queued task, a result, a used nonce) survives a power loss, as on
+        // PostgreSQL. Group commit (see `conns`) shares one sync among the writes queued
+        // behind each other.
+        c.execute_batch("PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0")?;
         c.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     }
     Ok(())
@@ -219,14 +223,14 @@ impl SqliteStore {
         // `BEGIN IMMEDIATE` on the writer answers "busy" at once, and the store waits for the
         // lock without holding a thread.
         writer.busy_timeout(Duration::ZERO).map_err(db_err)?;
-        let writer = Arc::new(Conns::new(vec![writer]));
+        let writer = Arc::new(Conns::with_group_commit(writer));
         let checkpoints = {
             let c = open().map_err(db_err)?;
             Checkpoints::start(c, Arc::clone(&writer))
         };
         let migrate_url = opts
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         Ok(Self {
@@ -266,7 +270,7 @@ impl SqliteStore {
 
     /// Commits, then publishes `events`.
     async fn commit_with(&self, tx: Tx, events: Vec<StoreEvent>) -> Result<()> {
-        tx.commit()?;
+        tx.commit().await?;
         for e in events {
             // An error only means that nobody is subscribed.
             let _ = self.events.send(e);
@@ -424,10 +428,10 @@ pub(super) fn append_audits(c: &Connection, entries: &[NewAuditEntry]) -> Result
 
 /// Ends a transaction after its body: commits it when the body returns `(value, true)`, rolls
 /// it back when it returns `(value, false)` (nothing to keep) or an error.
-fn end<T>(tx: Tx, r: Result<(T, bool)>) -> Result<T> {
+async fn end<T>(tx: Tx, r: Result<(T, bool)>) -> Result<T> {
     match r {
         Ok((value, true)) => {
-            tx.commit()?;
+            tx.commit().await?;
             Ok(value)
         }
         Ok((value, false)) => {
@@ -634,7 +638,7 @@ impl Store for SqliteStore {
         .bind(k.created_at_ms)
         .fetch_one(&tx)
         .map_err(insert_err("api_key"))?;
-        tx.commit()?;
+        tx.commit().await?;
         row.into_api_key()
     }
 
@@ -674,7 +678,7 @@ impl Store for SqliteStore {
         .bind(now_ms)
         .fetch_optional(&tx)
         .map_err(db_err)?;
-        tx.commit()?;
+        tx.commit().await?;
         found(row, "api_key")?.into_api_key()
     }
 
@@ -718,7 +722,7 @@ impl Store for SqliteStore {
         .bind(m.expires_at_ms)
         .execute(&tx)
         .map_err(insert_err("miner_session"))?;
-        tx.commit()?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -756,7 +760,7 @@ impl Store for SqliteStore {
         .bind(expires_at_ms)
         .execute(&tx)
         .map_err(db_err)?;
-        tx.commit()?;
+        tx.commit().await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::AlreadyExists { what: "nonce" });
         }
@@ -769,7 +773,7 @@ impl Store for SqliteStore {
             .bind(now_ms)
             .execute(&tx)
             .map_err(db_err)?;
-        tx.commit()?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -785,7 +789,7 @@ impl Store for SqliteStore {
             .bind(t.expires_at_ms)
             .execute(&tx)
             .map_err(insert_err("read_token"))?;
-        tx.commit()?;
+        tx.commit().await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound { what: "session" });
         }
@@ -807,7 +811,7 @@ impl Store for SqliteStore {
             .bind(now_ms)
             .execute(&tx)
             .map_err(db_err)?;
-        tx.commit()?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -841,7 +845,7 @@ impl Store for SqliteStore {
         .bind(t.sealed_by.as_str())
         .fetch_optional(&tx)
         .map_err(insert_err("task"))?;
-        tx.commit()?;
+        tx.commit().await?;
         let Some(row) = row else {
             // Nothing inserted: say why.
             self.get_session(t.session_id).await?;
@@ -937,7 +941,7 @@ impl Store for SqliteStore {
             };
             Ok((Some(leased), true))
         })();
-        end(tx, r)
+        end(tx, r).await
     }
 
     async fn heartbeat(
@@ -1070,7 +1074,7 @@ impl Store for SqliteStore {
             let row = found(row, "task")?;
             Ok((CompleteOutcome::Accepted(row.into_task()?), true))
         })();
-        let outcome = end(tx, r)?;
+        let outcome = end(tx, r).await?;
         if let CompleteOutcome::Accepted(task) = &outcome {
             let _ = self
                 .events
@@ -1178,7 +1182,7 @@ impl Store for SqliteStore {
             .bind(now_ms)
             .execute(&tx)
             .map_err(db_err)?;
-        tx.commit()?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -1215,7 +1219,7 @@ impl Store for SqliteStore {
             append_audit(&tx, audit)?;
             Ok((true, true))
         })();
-        end(tx, r)
+        end(tx, r).await
     }
 
     // --- key lifecycle ------------------------------------------------------------------------
@@ -1367,7 +1371,7 @@ impl Store for SqliteStore {
                 async move {
                     let tx = store.write().await?;
                     let r = append_audits(&tx, &batch).map(|entries| (entries, true));
-                    end(tx, r)
+                    end(tx, r).await
                 }
             })
             .await
