@@ -13,7 +13,8 @@
 # Environment:
 #   BENCH_DURATION   seconds per run (default 20)
 #   BENCH_CLIENTS    client counts (default "8 64")
-#   BENCH_BACKENDS   "sqlite postgres" (default both)
+#   BENCH_BACKENDS   any of "sqlite sqlite-full postgres" (default "sqlite postgres";
+#                    sqlite-full is SQLite with every commit synced, `?synchronous=full`)
 #   BENCH_MINER_CONCURRENCY  tasks the miner runs at once (default 128)
 #   BENCH_OUT        also append the Markdown tables to this file
 #   TMPDIR           where the router's data directory (database, blobs) is made (mktemp)
@@ -141,6 +142,8 @@ for backend in $BACKENDS; do
   export VEIL_DATA_DIR=$data
   case $backend in
     sqlite) unset VEIL_DATABASE_URL ;;
+    # Every commit synced before it is answered (`synchronous=full`).
+    sqlite-full) export VEIL_DATABASE_URL="sqlite://$data/veil.db?synchronous=full" ;;
     postgres)
       # shellcheck source=lib/postgres.sh
       source "$root/scripts/lib/postgres.sh"

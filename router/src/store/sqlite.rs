@@ -4,8 +4,7 @@
 //! takes SQLite's single write lock up front, so leases are exclusive and the audit chain
 //! linear. Within a process, writers go through one connection and queue for it in order
 //! without blocking a thread (SQLite's own busy handler waits by sleeping), and writes queued
-//! behind each other share one commit (group commit, see [`super::conns`]), each synced to the
-//! log before it is answered; reads use a few
+//! behind each other share one commit (group commit, see [`super::conns`]); reads use a few
 //! connections of their own and run in parallel with the writer (WAL). Statements run in place
 //! on the task that needs them (see [`super::lite`] and [`super::conns`]): on a warm connection
 //! they take microseconds, less than a hand-off to a driver thread and back. The write-ahead
@@ -142,18 +141,62 @@ impl Checkpoints {
     }
 }
 
-/// Sets a connection up: foreign keys, the busy timeout, the statement cache and, on a file,
-/// WAL with checkpoints left to [`Checkpoints`].
-fn configure(c: &Connection, file: bool) -> rusqlite::Result<()> {
+/// How commits reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Each commit syncs the log before it returns, so that whatever the router has
+    /// acknowledged (a queued task, a result, a used nonce) survives a power loss, as on
+    /// PostgreSQL. Group commit (see `conns`) shares one sync among the writes queued behind
+    /// each other.
+    Full,
+    /// Commits append to the log without a sync (it is synced at each checkpoint): a power loss
+    /// can lose the last commits, never corrupt the file. The default.
+    Normal,
+}
+
+/// Takes the store's own `synchronous` parameter (`full` or `normal`) out of a database URL,
+/// since sqlx refuses parameters it does not know.
+fn take_synchronous(url: &str) -> Result<(String, Durability)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), Durability::Normal));
+    };
+    let mut durability = Durability::Normal;
+    let mut rest = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("synchronous", v)) => {
+                durability = match v.to_ascii_lowercase().as_str() {
+                    "full" => Durability::Full,
+                    "normal" => Durability::Normal,
+                    _ => {
+                        return Err(StoreError::Database(format!(
+                            "invalid SQLite database URL: `synchronous` is `full` or `normal`, not {v:?}"
+                        )));
+                    }
+                }
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, durability))
+}
+
+/// Sets a connection up: foreign keys, the busy timeout, the statement cache and, on a file
+/// (`durability` is given), WAL with checkpoints left to [`Checkpoints`].
+fn configure(c: &Connection, durability: Option<Durability>) -> rusqlite::Result<()> {
     c.busy_timeout(BUSY_TIMEOUT)?;
     c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     c.execute_batch("PRAGMA foreign_keys = ON")?;
-    if file {
-        // Each commit syncs the log before it returns, so that whatever the router has
-        // acknowledged (a queued task, a result, a used nonce) survives a power loss, as on
-        // PostgreSQL. Group commit (see `conns`) shares one sync among the writes queued
-        // behind each other.
-        c.execute_batch("PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0")?;
+    if let Some(durability) = durability {
+        c.execute_batch(match durability {
+            Durability::Full => "PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0",
+            Durability::Normal => "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0",
+        })?;
         c.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     }
     Ok(())
@@ -162,7 +205,13 @@ fn configure(c: &Connection, file: bool) -> rusqlite::Result<()> {
 impl SqliteStore {
     /// Opens `sqlite://PATH` (the file is created, mode 0600, if missing) or `sqlite::memory:`.
     /// Call [`Store::migrate`] before use ([`super::open`] does).
+    ///
+    /// By default commits are not synced (the log is synced at each checkpoint): a power loss
+    /// can lose the last acknowledged writes, never corrupt the file. `?synchronous=full` syncs
+    /// every commit before it is answered.
     pub async fn connect(url: &str) -> Result<Self> {
+        let (url, durability) = take_synchronous(url)?;
+        let url = url.as_str();
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(|_| StoreError::Database("invalid SQLite database URL".into()))?;
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
@@ -178,7 +227,7 @@ impl SqliteStore {
                 | OpenFlags::SQLITE_OPEN_URI
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let c = Connection::open_with_flags(&name, flags).map_err(db_err)?;
-            configure(&c, false).map_err(db_err)?;
+            configure(&c, None).map_err(db_err)?;
             let conns = Arc::new(Conns::new(vec![c]));
             let migrate_url = SqliteConnectOptions::new()
                 .filename(&name)
@@ -197,7 +246,7 @@ impl SqliteStore {
         create_private_file(&path)?;
         let open = || -> rusqlite::Result<Connection> {
             let c = Connection::open(&path)?;
-            configure(&c, true)?;
+            configure(&c, Some(durability))?;
             Ok(c)
         };
         // Switching a new file to WAL needs a moment alone with it; when another process
@@ -230,7 +279,10 @@ impl SqliteStore {
         };
         let migrate_url = opts
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(match durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+            })
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         Ok(Self {
@@ -1427,6 +1479,38 @@ mod tests {
             }
         }
         panic!("the nonce never reached the database file");
+    }
+
+    #[tokio::test]
+    async fn commits_are_synced_when_the_url_says_synchronous_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("veil.db");
+        let synchronous = |store: SqliteStore| async move {
+            let w = store.writer.take().await.unwrap();
+            w.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+                .unwrap()
+        };
+        let url = format!("sqlite://{}", path.display());
+        // 2 is FULL, 1 NORMAL.
+        let store = SqliteStore::connect(&url).await.unwrap();
+        assert_eq!(synchronous(store).await, 1);
+        let store = SqliteStore::connect(&format!("{url}?synchronous=full"))
+            .await
+            .unwrap();
+        assert_eq!(synchronous(store).await, 2);
+        // With sqlx's own parameters beside it.
+        let store = SqliteStore::connect(&format!("{url}?mode=rwc&synchronous=NORMAL"))
+            .await
+            .unwrap();
+        assert_eq!(synchronous(store).await, 1);
+        let store = SqliteStore::connect(&format!("{url}?synchronous=full&mode=rwc"))
+            .await
+            .unwrap();
+        assert_eq!(synchronous(store).await, 2);
+        let e = SqliteStore::connect(&format!("{url}?synchronous=off"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("`synchronous`"), "{e}");
     }
 
     // A current-thread runtime: a write that waited in SQLite's busy handler would stop the
