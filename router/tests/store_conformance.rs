@@ -180,6 +180,7 @@ suite!(
     audit_tampering_is_detected,
     retention_policy_round_trips,
     retention_due_deletions,
+    retention_rules_each_name_a_blob_once,
     key_lifecycle_usage_candidates_and_rewrap_journal,
     audit_appends_stay_linear_under_concurrency,
     concurrent_leasing_leases_every_task_once,
@@ -1663,6 +1664,72 @@ async fn completed(s: &Arc<dyn Store>, session_id: Uuid, n: u8, at: i64) -> Task
         Ok(CompleteOutcome::Accepted(task)) => task,
         other => panic!("expected Accepted, got {other:?}"),
     }
+}
+
+/// Prompt TTLs, deletion on fetch, and a blob due under two rules (delivered and past its
+/// TTL), which is named once, as delivered.
+async fn retention_rules_each_name_a_blob_once(s: Arc<dyn Store>, _b: &Backend) {
+    // C: everything on delivery and after 60 s. D: prompts after 60 s, results kept.
+    let mut nc = new_session("key:owner", public(), T0);
+    nc.retention = RetentionPolicy {
+        delete_prompt_on_delivery: true,
+        prompt_ttl_secs: Some(60),
+        result_ttl_secs: Some(60),
+        delete_result_on_fetch: true,
+    };
+    let mut nd = new_session("key:owner", public(), T0);
+    nd.retention = RetentionPolicy {
+        delete_prompt_on_delivery: false,
+        prompt_ttl_secs: Some(60),
+        result_ttl_secs: None,
+        delete_result_on_fetch: false,
+    };
+    let c = s.create_session(&nc).await.unwrap();
+    let d = s.create_session(&nd).await.unwrap();
+    let tc = completed(&s, c.id, 1, T0).await;
+    let td = completed(&s, d.id, 2, T0).await;
+    let due_at = |now: i64| {
+        let s = Arc::clone(&s);
+        async move {
+            let mut due: Vec<_> = s
+                .due_deletions(now, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.task_id, d.kind, d.reason))
+                .collect();
+            due.sort_by_key(|k| (k.0 == tc.id, k.1 as u8));
+            due
+        }
+    };
+    assert!(due_at(T0 + 59_999).await.is_empty());
+    // The prompt TTL counts from the task's creation (T0), the result TTL from its end (T0 + 10).
+    assert_eq!(
+        due_at(T0 + 60_000).await,
+        [
+            (td.id, BlobKind::Prompt, DeletionReason::Ttl),
+            (tc.id, BlobKind::Prompt, DeletionReason::Ttl),
+        ]
+    );
+    assert_eq!(
+        due_at(T0 + 60_010).await,
+        [
+            (td.id, BlobKind::Prompt, DeletionReason::Ttl),
+            (tc.id, BlobKind::Prompt, DeletionReason::Ttl),
+            (tc.id, BlobKind::Result, DeletionReason::Ttl),
+        ]
+    );
+    assert!(s.mark_delivered(tc.id, T0 + 20).await.unwrap());
+    assert!(s.mark_delivered(td.id, T0 + 20).await.unwrap());
+    // Long past every TTL: C's blobs once each, as delivered; D's result is kept.
+    assert_eq!(
+        due_at(T0 + 10_000_000).await,
+        [
+            (td.id, BlobKind::Prompt, DeletionReason::Ttl),
+            (tc.id, BlobKind::Prompt, DeletionReason::Delivered),
+            (tc.id, BlobKind::Result, DeletionReason::Delivered),
+        ]
+    );
 }
 
 async fn retention_due_deletions(s: Arc<dyn Store>, _b: &Backend) {

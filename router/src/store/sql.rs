@@ -59,31 +59,64 @@ pub(super) use audit_columns;
 
 /// Blobs due for deletion at `$1`, at most `$2`: the prompt and result blobs of finished tasks
 /// whose session is closed, or whose delivery or TTL rule applies. Same text for both backends.
-pub(super) const DUE_DELETIONS: &str = "\
-    SELECT t.id, t.session_id, 'prompt' AS kind, t.prompt_urn AS urn, t.prompt_hash AS hash, \
-           t.key_version, \
-           CASE WHEN s.closed_at_ms IS NOT NULL THEN 'session_closed' \
-                WHEN s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL THEN 'delivered' \
-                ELSE 'ttl' END AS reason \
-    FROM tasks t JOIN sessions s ON s.id = t.session_id \
-    WHERE t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-      AND t.prompt_deleted_at_ms IS NULL \
-      AND (s.closed_at_ms IS NOT NULL \
-           OR (s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL) \
-           OR (s.prompt_ttl_ms IS NOT NULL AND t.created_at_ms + s.prompt_ttl_ms <= $1)) \
-    UNION ALL \
-    SELECT t.id, t.session_id, 'result' AS kind, t.result_urn AS urn, t.result_hash AS hash, \
-           t.key_version, \
-           CASE WHEN s.closed_at_ms IS NOT NULL THEN 'session_closed' \
-                WHEN s.result_on_fetch AND t.delivered_at_ms IS NOT NULL THEN 'delivered' \
-                ELSE 'ttl' END AS reason \
-    FROM tasks t JOIN sessions s ON s.id = t.session_id \
-    WHERE t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-      AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
-      AND (s.closed_at_ms IS NOT NULL \
-           OR (s.result_on_fetch AND t.delivered_at_ms IS NOT NULL) \
-           OR (s.result_ttl_ms IS NOT NULL AND t.finished_at_ms + s.result_ttl_ms <= $1)) \
-    LIMIT $2";
+///
+/// One query per blob and reason, each driven by the sessions it can apply to (`CROSS JOIN`
+/// keeps SQLite's planner from turning the join around) and reading
+/// only their tasks' kept blobs through `tasks_prompt_kept` / `tasks_result_kept`: for a TTL,
+/// only the range past it. Blobs kept under no rule (an open session without a TTL, say) are
+/// never read, so a pass costs what is due plus one probe per session with a rule, not a scan
+/// of every finished task.
+pub(super) const DUE_DELETIONS: &str = concat!(
+    // Prompts of closed sessions.
+    "SELECT t.id, t.session_id, 'prompt' AS kind, t.prompt_urn AS urn, t.prompt_hash AS hash, \
+            t.key_version, 'session_closed' AS reason \
+     FROM sessions s CROSS JOIN tasks t \
+     WHERE t.session_id = s.id AND s.closed_at_ms IS NOT NULL \
+       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+       AND t.prompt_deleted_at_ms IS NULL \
+     UNION ALL ",
+    // Delivered prompts where the policy deletes them on delivery.
+    "SELECT t.id, t.session_id, 'prompt', t.prompt_urn, t.prompt_hash, t.key_version, 'delivered' \
+     FROM sessions s CROSS JOIN tasks t \
+     WHERE t.session_id = s.id AND s.closed_at_ms IS NULL AND s.prompt_on_delivery \
+       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+       AND t.prompt_deleted_at_ms IS NULL AND t.delivered_at_ms IS NOT NULL \
+     UNION ALL ",
+    // Prompts past their session's TTL (and not due as delivered).
+    "SELECT t.id, t.session_id, 'prompt', t.prompt_urn, t.prompt_hash, t.key_version, 'ttl' \
+     FROM sessions s CROSS JOIN tasks t \
+     WHERE t.session_id = s.id AND s.closed_at_ms IS NULL AND s.prompt_ttl_ms IS NOT NULL \
+       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+       AND t.prompt_deleted_at_ms IS NULL \
+       AND t.created_at_ms <= $1 - s.prompt_ttl_ms \
+       AND NOT (s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL) \
+     UNION ALL ",
+    // Results of closed sessions.
+    "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
+            'session_closed' \
+     FROM sessions s CROSS JOIN tasks t \
+     WHERE t.session_id = s.id AND s.closed_at_ms IS NOT NULL \
+       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+       AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
+     UNION ALL ",
+    // Fetched results where the policy deletes them on fetch.
+    "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, 'delivered' \
+     FROM sessions s CROSS JOIN tasks t \
+     WHERE t.session_id = s.id AND s.closed_at_ms IS NULL AND s.result_on_fetch \
+       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+       AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
+       AND t.delivered_at_ms IS NOT NULL \
+     UNION ALL ",
+    // Results past their session's TTL (and not due as fetched).
+    "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, 'ttl' \
+     FROM sessions s CROSS JOIN tasks t \
+     WHERE t.session_id = s.id AND s.closed_at_ms IS NULL AND s.result_ttl_ms IS NOT NULL \
+       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+       AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
+       AND t.finished_at_ms <= $1 - s.result_ttl_ms \
+       AND NOT (s.result_on_fetch AND t.delivered_at_ms IS NOT NULL) \
+     LIMIT $2"
+);
 
 /// Records the first delivery of a completed task's result.
 pub(super) const MARK_DELIVERED: &str = "UPDATE tasks SET delivered_at_ms = $2 \

@@ -1482,6 +1482,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_retention_sweep_reads_tasks_only_through_ranges_of_its_indexes() {
+        let (_dir, _path, store) = file_store().await;
+        let c = store.read().await.unwrap();
+        let mut st = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", sql::DUE_DELETIONS))
+            .unwrap();
+        let plan: Vec<String> = st
+            .query_map(rusqlite::params![1_i64, 100_i64], |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let plan = plan.join("\n");
+        // Every read of `tasks` is a search on an index (by session, and for a TTL by time),
+        // never a scan of the table or of a whole index.
+        let reads: Vec<&str> = plan
+            .lines()
+            .filter(|l| l.contains(" t ") || l.ends_with(" t"))
+            .collect();
+        assert_eq!(reads.len(), 6, "{plan}");
+        for l in &reads {
+            assert!(
+                l.starts_with("SEARCH t USING INDEX tasks_prompt_kept (session_id=?")
+                    || l.starts_with("SEARCH t USING INDEX tasks_result_kept (session_id=?"),
+                "{l}\n{plan}"
+            );
+        }
+        assert_eq!(
+            reads.iter().filter(|l| l.contains("_at_ms<?")).count(),
+            2,
+            "the two TTL reads are ranges: {plan}"
+        );
+    }
+
+    #[tokio::test]
     async fn commits_are_synced_when_the_url_says_synchronous_full() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("veil.db");
