@@ -1,6 +1,6 @@
 //! End to end through the router and real workers: v2 completions (plain and streamed),
-//! private-session allowlists, a miner killed mid-lease, a tampered prompt blob, and the
-//! canary check over the data directory and the captured logs.
+//! private-session allowlists, a miner killed mid-lease, a duplicate result that loses, a
+//! tampered prompt blob, and the canary check over the data directory and the captured logs.
 
 use std::time::Duration;
 
@@ -355,6 +355,115 @@ async fn miner_killed_mid_lease_task_completes_once_elsewhere() {
             .any(|e| e["task_id"] == task_id.to_string())
     );
     b.shutdown().await.unwrap();
+    router.stop().await;
+}
+
+/// Gets the task key for `lease`, seals `text` as its result and uploads it.
+async fn upload_result(
+    m: &LoggedIn,
+    lease: &veil_api::miner::Lease,
+    text: &str,
+) -> veil_api::miner::BlobReceipt {
+    let req = veil_miner::sign::sign_key_request(&m.wallet, &m.domain, lease, &m.x.public())
+        .await
+        .unwrap();
+    let wrapped = m.client.key(lease.lease_id, &req).await.unwrap();
+    let id = veil_miner::sign::task_key_id(lease);
+    let key = veil_keys::unwrap_key(&m.x, &hex::decode(&wrapped.wrapped).unwrap(), &id).unwrap();
+    let params = veil_keys::BlobParams::new(id, veil_keys::Purpose::Result);
+    let sealed = veil_keys::seal(&key, &params, text.as_bytes()).unwrap();
+    m.client.put_result(lease.lease_id, sealed).await.unwrap()
+}
+
+async fn submit_result(
+    m: &LoggedIn,
+    lease: &veil_api::miner::Lease,
+    receipt: &veil_api::miner::BlobReceipt,
+) -> String {
+    let result = veil_miner::sign::sign_task_result(&m.wallet, &m.domain, lease, receipt)
+        .await
+        .unwrap();
+    let body = veil_api::miner::CompleteRequest {
+        result,
+        usage: veil_api::miner::Usage {
+            prompt_tokens: 1,
+            completion_tokens: 1,
+        },
+        finish_reason: "stop".into(),
+    };
+    m.client
+        .complete(lease.lease_id, &body)
+        .await
+        .unwrap()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_result_that_loses_leaves_no_blob_behind() {
+    // At-least-once delivery: A's lease lapses, B gets the task, both upload a result. B's is
+    // submitted first and stands; A's, submitted late, is answered "duplicate", and its blob,
+    // which no task names, is deleted (and the deletion audited).
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = TestRouter::settings(dir.path());
+    settings.lease_ttl_ms = Some(300);
+    let router = TestRouter::start(settings).await;
+    let key = router.admin().to_string();
+    let a = logged_in_client(&router).await;
+    let b = logged_in_client(&router).await;
+    let url = router.url.clone();
+    let call = tokio::spawn(async move {
+        http()
+            .post(format!("{url}/api/v2/completions"))
+            .bearer_auth(key)
+            .json(&chat("twice", 4))
+            .send()
+            .await
+    });
+    let poll = veil_api::miner::LeaseRequest {
+        wait_ms: 5_000,
+        models: None,
+    };
+    let la = a
+        .client
+        .lease(&poll)
+        .await
+        .unwrap()
+        .expect("A leases the task");
+    let ra = upload_result(&a, &la, "from A").await;
+    // A sends no heartbeat: its lease lapses and the task goes to B.
+    let lb = b
+        .client
+        .lease(&poll)
+        .await
+        .unwrap()
+        .expect("B leases it next");
+    assert_eq!(lb.task_id, la.task_id);
+    let rb = upload_result(&b, &lb, "from B").await;
+    assert_ne!(ra.urn, rb.urn);
+
+    assert_eq!(submit_result(&b, &lb, &rb).await, "accepted");
+    assert_eq!(submit_result(&a, &la, &ra).await, "duplicate");
+    // Submitting the standing result again deletes nothing.
+    assert_eq!(submit_result(&b, &lb, &rb).await, "duplicate");
+
+    let blobs = &router.state.blobs;
+    let gone = blobs.get(&ra.urn.parse().unwrap(), &ra.sha256.0).await;
+    assert!(
+        matches!(gone, Err(veil_blobstore::Error::NotFound { .. })),
+        "the losing result's blob is deleted: {:?}",
+        gone.map(|b| b.len())
+    );
+    blobs
+        .get(&rb.urn.parse().unwrap(), &rb.sha256.0)
+        .await
+        .expect("the standing result's blob stays");
+    let t = router.state.store.get_task(la.task_id).await.unwrap();
+    assert_eq!(t.result.unwrap().result_urn, rb.urn);
+    let deletions = router.audit("blob.delete").await;
+    assert_eq!(deletions.len(), 1, "{deletions:?}");
+    assert_eq!(deletions[0]["detail"]["reason"], "duplicate");
+    assert_eq!(deletions[0]["detail"]["urn"], ra.urn.as_str());
+    call.abort();
     router.stop().await;
 }
 

@@ -920,7 +920,12 @@ async fn complete(
         ));
     }
     if let Some(done) = task.result.as_ref() {
-        // Answer duplicates without touching the blob store.
+        // Answer duplicates without reading the blob store.
+        let stored_here = state
+            .stored_results
+            .take(&lease_id)
+            .is_some_and(|r| r.urn == msg.result_urn);
+        discard_losing_result(&state, &m.miner, lease_id, &task, stored_here, msg, done).await;
         return Ok(Json(CompleteResponse {
             status: "duplicate".into(),
             result_hash: Hex32(done.result_hash),
@@ -935,10 +940,14 @@ async fn complete(
             "the URN names another blob store than this router's",
         ));
     }
+    let mut stored_here = false;
     let size = match state.stored_results.take(&lease_id) {
         // Stored through this replica for this lease: its hash and header were checked as it
         // was stored.
-        Some(r) if r.urn == msg.result_urn && r.sha256 == msg.result_hash.0 => r.size,
+        Some(r) if r.urn == msg.result_urn && r.sha256 == msg.result_hash.0 => {
+            stored_here = true;
+            r.size
+        }
         _ => {
             // Read the blob back through the hash check, and check its header, in bounded
             // memory.
@@ -998,6 +1007,9 @@ async fn complete(
             }))
         }
         CompleteOutcome::Duplicate(t) => {
+            if let Some(done) = t.result.as_ref() {
+                discard_losing_result(&state, &m.miner, lease_id, &t, stored_here, msg, done).await;
+            }
             let h = t.result.map(|r| r.result_hash).unwrap_or_default();
             Ok(Json(CompleteResponse {
                 status: "duplicate".into(),
@@ -1005,4 +1017,53 @@ async fn complete(
             }))
         }
     }
+}
+
+/// Deletes the blob of a result that lost to another one (a duplicate under at-least-once
+/// delivery: a lapsed lease's miner finished after the task was re-leased), so that it does not
+/// stay behind, named by no task, until nobody knows it is there. Only a blob this replica
+/// stored for this very lease is deleted (`stored_here`: its URN was fresh for that upload and
+/// its header was checked against the task), never one a `TaskResult` merely names, and never
+/// the standing result's. The deletion is audited like the retention sweeper's (`blob.delete`,
+/// reason `duplicate`); a failed one is logged, and the sealed blob stays behind.
+async fn discard_losing_result(
+    state: &AppState,
+    miner: &str,
+    lease_id: Uuid,
+    task: &crate::store::Task,
+    stored_here: bool,
+    msg: &veil_api::eip712::TaskResult,
+    standing: &crate::store::TaskResultRecord,
+) {
+    if !stored_here || msg.result_urn == standing.result_urn {
+        return;
+    }
+    let Ok(urn) = msg.result_urn.parse::<Urn>() else {
+        return;
+    };
+    if let Err(e) = state.blobs.delete(&urn).await {
+        tracing::warn!(task_id = %task.id, %lease_id, error = %e, "deleting a losing result blob failed");
+        return;
+    }
+    // The audit log says where every blob went.
+    let _ = audit(
+        state,
+        NewAuditEntry {
+            at_ms: now_ms(),
+            actor: "router".into(),
+            action: "blob.delete".into(),
+            session_id: Some(task.session_id),
+            task_id: Some(task.id),
+            miner: Some(miner.to_owned()),
+            key_version: Some(task.key_version),
+            detail: json!({
+                "blob": "result",
+                "reason": "duplicate",
+                "urn": msg.result_urn,
+                "hash": msg.result_hash,
+                "lease_id": lease_id,
+            }),
+        },
+    )
+    .await;
 }
