@@ -1045,6 +1045,8 @@ async fn discard_losing_result(
         tracing::warn!(task_id = %task.id, %lease_id, error = %e, "deleting a losing result blob failed");
         return;
     }
+    metrics::counter!("veil_retention_deletions_total", "kind" => "result", "reason" => "duplicate")
+        .increment(1);
     // The audit log says where every blob went.
     let _ = audit(
         state,
