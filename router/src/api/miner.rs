@@ -1048,7 +1048,7 @@ async fn discard_losing_result(
     metrics::counter!("veil_retention_deletions_total", "kind" => "result", "reason" => "duplicate")
         .increment(1);
     // The audit log says where every blob went.
-    let _ = audit(
+    let audited = audit(
         state,
         NewAuditEntry {
             at_ms: now_ms(),
@@ -1068,4 +1068,7 @@ async fn discard_losing_result(
         },
     )
     .await;
+    if audited.is_err() {
+        tracing::warn!(task_id = %task.id, %lease_id, "a losing result blob was deleted, but its audit entry could not be written");
+    }
 }
