@@ -32,6 +32,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, watch
 use super::lite::{db_err, is_busy};
 use super::{Result, StoreError};
 
+/// Why a group fails when its transaction ended without a commit.
+const ROLLED_BACK: &str = "SQLite rolled the shared transaction back";
+
 /// The longest sleep between two tries for a write lock held by another process.
 const MAX_BUSY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -142,7 +145,7 @@ impl Conns {
         let open = lock(group).current.is_some();
         if open && lent.guard.is_autocommit() {
             // SQLite ended the group's transaction itself (after an I/O error, say).
-            fail_group(group, "SQLite rolled the shared transaction back");
+            fail_group(group, ROLLED_BACK);
         }
         let lent = if !open || lent.guard.is_autocommit() {
             let lent = begin_immediate(lent, busy_wait).await?;
@@ -222,12 +225,9 @@ async fn commit_group(conns: Arc<Conns>) {
         return;
     };
     let outcome = if lent.guard.is_autocommit() {
-        Err("SQLite rolled the shared transaction back".to_owned())
+        Err(ROLLED_BACK.to_owned())
     } else {
-        lent.guard.execute_batch("COMMIT").map_err(|e| {
-            rollback(&lent.guard);
-            e.to_string()
-        })
+        commit_or_roll_back(&lent.guard).map_err(|e| e.to_string())
     };
     if let Err(e) = &outcome {
         tracing::warn!(error = %e, "a group commit failed; its members' writes are rolled back");
@@ -271,11 +271,7 @@ impl WriteTx {
             .take()
             .expect("a transaction is used until it ends");
         let Some((conns, mut outcome)) = self.member.take() else {
-            if let Err(e) = lent.guard.execute_batch("COMMIT") {
-                rollback(&lent.guard);
-                return Err(db_err(e));
-            }
-            return Ok(());
+            return commit_or_roll_back(&lent.guard).map_err(db_err);
         };
         let group = conns.group.as_ref().expect("a set with group commit");
         if let Err(e) = lent.guard.execute_batch("RELEASE member") {
@@ -288,12 +284,9 @@ impl WriteTx {
                 // The only member done, and nobody waiting to join: commit now.
                 let tx = g.current.take();
                 drop(g);
-                let done = lent.guard.execute_batch("COMMIT");
-                if let Err(e) = &done {
-                    rollback(&lent.guard);
-                    if let Some(tx) = tx {
-                        let _ = tx.send(Some(Err(e.to_string())));
-                    }
+                let done = commit_or_roll_back(&lent.guard);
+                if let (Err(e), Some(tx)) = (&done, tx) {
+                    let _ = tx.send(Some(Err(e.to_string())));
                 }
                 return done.map_err(db_err);
             }
@@ -335,7 +328,7 @@ impl WriteTx {
 /// transaction back, or undoing fails, the group ends with an error.
 fn rollback_member(c: &Connection, group: &std::sync::Mutex<Group>) {
     if c.is_autocommit() {
-        fail_group(group, "SQLite rolled the shared transaction back");
+        fail_group(group, ROLLED_BACK);
         return;
     }
     if let Err(e) = c.execute_batch("ROLLBACK TO member; RELEASE member") {
@@ -345,6 +338,11 @@ fn rollback_member(c: &Connection, group: &std::sync::Mutex<Group>) {
         return;
     }
     end_unused_group(c, group);
+}
+
+/// Commits; a commit that fails is rolled back, so that nothing stays open.
+fn commit_or_roll_back(c: &Connection) -> rusqlite::Result<()> {
+    c.execute_batch("COMMIT").inspect_err(|_| rollback(c))
 }
 
 /// Rolls back whatever is open; "no transaction is active" (SQLite already rolled back after
