@@ -15,7 +15,7 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use read::{BlobStream, OpenedStream};
-pub use store::{BlobMeta, BlobRef, BlobStore, MAX_PRESIGN_TTL, PresignMethod, StoreId};
+pub use store::{BlobMeta, BlobName, BlobRef, BlobStore, MAX_PRESIGN_TTL, PresignMethod, StoreId};
 pub use urn::{
     MAX_FILE_NAME_LEN, MAX_NAME_LEN, MAX_SEGMENT_LEN, StorageType, URN_PREFIX, Urn, UrnComponent,
     UrnParts, UrnVersion,

@@ -150,6 +150,20 @@ pub struct BlobMeta {
     pub last_modified: SystemTime,
 }
 
+/// What a blob's name says about it, for names this store gives
+/// (`{prefix/}{session_id}/{task_id | session}/{purpose}-{uuid v7}.veil`, see
+/// [`BlobStore::fresh_urn_for`]); read back with [`BlobStore::name_of`]. A name says where a
+/// blob was meant to belong; only its header (and the hash its referrer holds) says what it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlobName {
+    /// The session in the name.
+    pub session_id: Uuid,
+    /// The task in the name; `None` for a session-scope blob.
+    pub task_id: Option<Uuid>,
+    /// The purpose in the name.
+    pub purpose: Purpose,
+}
+
 /// Sealed blobs on an object store.
 ///
 /// * Writes accept only bytes that start with a valid v1 envelope header (protocol §3), so
@@ -441,6 +455,71 @@ impl BlobStore {
             key.session_id.hyphenated(),
             Uuid::now_v7().hyphenated()
         ))
+    }
+
+    /// What the name of `urn` says (session, task, purpose) when it is laid out as this store
+    /// names blobs, under its prefix; `None` for a URN of another store or any other name.
+    /// Strict: ids must be lowercase hyphenated UUIDs, as [`fresh_urn_for`](Self::fresh_urn_for)
+    /// writes them.
+    pub fn name_of(&self, urn: &Urn) -> Option<BlobName> {
+        if !self.owns(urn) {
+            return None;
+        }
+        let mut rest = urn.file_name();
+        if let Some(prefix) = &self.inner.prefix {
+            rest = rest.strip_prefix(prefix.as_str())?.strip_prefix('/')?;
+        }
+        let mut parts = rest.split('/');
+        let (session, task, file) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let strict_uuid = |text: &str| {
+            let id = Uuid::try_parse(text).ok()?;
+            (id.hyphenated().to_string() == text).then_some(id)
+        };
+        let session_id = strict_uuid(session)?;
+        let task_id = match task {
+            "session" => None,
+            other => Some(strict_uuid(other)?),
+        };
+        let (purpose, id) = file.strip_suffix(".veil")?.split_once('-')?;
+        strict_uuid(id)?;
+        Some(BlobName {
+            session_id,
+            task_id,
+            purpose: purpose.parse().ok()?,
+        })
+    }
+
+    /// Every object under this store's prefix whose name is a valid URN file name, with its
+    /// size and modification time, in no particular order. Objects are listed page by page as
+    /// the stream is read (on S3, GCS and Azure one request per page of about 1,000), so memory
+    /// stays bounded whatever the store's size. Uploads in progress are not listed (a local
+    /// store's staging files, multipart uploads not yet completed). Names that cannot be URNs
+    /// (no object this store writes has one) are skipped.
+    pub fn list(&self) -> impl Stream<Item = Result<BlobMeta>> + Send + 'static {
+        let prefix = self.inner.prefix.as_deref().map(Path::from);
+        let id = self.inner.id.clone();
+        self.inner
+            .store
+            .list(prefix.as_ref())
+            .filter_map(move |item| {
+                let out = match item {
+                    Ok(meta) => id.urn(meta.location.as_ref()).ok().map(|urn| {
+                        Ok(BlobMeta {
+                            urn,
+                            size: meta.size,
+                            last_modified: meta.last_modified.into(),
+                        })
+                    }),
+                    Err(e) => Some(Err(Error::Backend {
+                        op: "list",
+                        source: e,
+                    })),
+                };
+                std::future::ready(out)
+            })
     }
 
     fn urn_under_prefix(&self, name: String) -> Result<Urn> {

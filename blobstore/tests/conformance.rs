@@ -268,6 +268,109 @@ async fn prefixed_store_names_blobs_under_its_prefix(f: &Fixture) {
     assert_eq!(f.store.get(&r.urn, &r.sha256).await.unwrap(), blob);
 }
 
+async fn listing_names_every_blob_under_the_prefix_and_names_read_back(f: &Fixture) {
+    let config = f.config.clone().with_prefix("tenant-l/v1");
+    let store = BlobStore::with_object_store(&config, f.store.object_store().clone()).unwrap();
+    let before = SystemTime::now() - Duration::from_secs(5);
+    let session_scoped = session_params(Purpose::Prompt);
+    let task_scoped = task_params();
+    let a = store
+        .put(veil_keys::seal(&key(), &session_scoped, b"a").unwrap())
+        .await
+        .unwrap();
+    let b = store
+        .put(veil_keys::seal(&key(), &task_scoped, b"b").unwrap())
+        .await
+        .unwrap();
+    // Outside the prefix: not listed, and not a name of this store's layout.
+    let (_, other) = sealed(10, 4);
+    let outside = f.store.put(other).await.unwrap();
+    // Inside the prefix but not a name the store gives: listed, no layout.
+    let odd = store.id().urn("tenant-l/v1/notes/readme.txt").unwrap();
+    store
+        .object_store()
+        .put(
+            &ObjectPath::from(odd.file_name()),
+            PutPayload::from_static(b"x"),
+        )
+        .await
+        .unwrap();
+
+    let mut listed: Vec<_> = store.list().try_collect().await.unwrap();
+    listed.sort_by_key(|m| m.urn.to_string());
+    let mut expected = vec![a.urn.clone(), b.urn.clone(), odd.clone()];
+    expected.sort_by_key(|u| u.to_string());
+    assert_eq!(
+        listed.iter().map(|m| m.urn.clone()).collect::<Vec<_>>(),
+        expected
+    );
+    for m in &listed {
+        assert!(m.last_modified >= before, "{m:?}");
+        let size = if m.urn == a.urn {
+            a.size
+        } else if m.urn == b.urn {
+            b.size
+        } else {
+            1
+        };
+        assert_eq!(m.size, size, "{m:?}");
+    }
+
+    assert_eq!(
+        store.name_of(&a.urn),
+        Some(veil_blobstore::BlobName {
+            session_id: session_scoped.key.session_id,
+            task_id: None,
+            purpose: Purpose::Prompt,
+        })
+    );
+    assert_eq!(
+        store.name_of(&b.urn),
+        Some(veil_blobstore::BlobName {
+            session_id: task_scoped.key.session_id,
+            task_id: task_scoped.key.task_id,
+            purpose: Purpose::Result,
+        })
+    );
+    assert_eq!(store.name_of(&odd), None);
+    // The unprefixed store's name is outside this store's prefix.
+    assert_eq!(store.name_of(&outside.urn), None);
+    assert!(f.store.name_of(&outside.urn).is_some());
+    // Fresh URNs laid out for a key read back the same way.
+    let fresh = store
+        .fresh_urn_for(&task_scoped.key, Purpose::Attachment)
+        .unwrap();
+    assert_eq!(
+        store.name_of(&fresh).map(|n| (n.task_id, n.purpose)),
+        Some((task_scoped.key.task_id, Purpose::Attachment))
+    );
+    // Near misses of the layout are not names of it.
+    let session = task_scoped.key.session_id.hyphenated().to_string();
+    let task = task_scoped.key.task_id.unwrap().hyphenated().to_string();
+    let id = Uuid::now_v7().hyphenated().to_string();
+    for name in [
+        format!("{session}/{task}/result-{id}.bin"),
+        format!("{session}/{task}/secret-{id}.veil"),
+        format!("{session}/{task}/result-{}.veil", id.to_uppercase()),
+        format!("{session}/{task}/result-{}.veil", id.replace('-', "")),
+        format!("{session}/tasks/result-{id}.veil"),
+        format!("{session}/{task}/x/result-{id}.veil"),
+        format!("{task}/result-{id}.veil"),
+    ] {
+        let urn = store.id().urn(format!("tenant-l/v1/{name}")).unwrap();
+        assert_eq!(store.name_of(&urn), None, "{name}");
+    }
+    // Another store's URN has no name here, even with the same path.
+    let foreign = Urn::new(
+        StorageType::Mem,
+        "elsewhere",
+        "other",
+        a.urn.file_name().to_string(),
+    )
+    .unwrap();
+    assert_eq!(store.name_of(&foreign), None);
+}
+
 async fn wrong_hash_is_refused_with_no_bytes(f: &Fixture) {
     let (_, blob) = sealed(5000, 3);
     let r = f.store.put(blob).await.unwrap();
@@ -722,6 +825,7 @@ all_backends!(
     round_trip_of_several_sizes,
     urns_carry_the_store_identity_and_a_derived_name,
     prefixed_store_names_blobs_under_its_prefix,
+    listing_names_every_blob_under_the_prefix_and_names_read_back,
     wrong_hash_is_refused_with_no_bytes,
     tampered_object_is_refused,
     urns_of_other_stores_are_refused,

@@ -216,7 +216,23 @@ pub struct Settings {
     /// How often the retention sweeper looks for blobs to delete, in ms [default: 5000].
     #[arg(long, env = "VEIL_RETENTION_SWEEP_INTERVAL_MS")]
     pub retention_sweep_interval_ms: Option<u64>,
+    /// How often the orphan sweep lists the blob store for blobs that no task names (a prompt
+    /// uploaded for a task never submitted, a result that lost to another), in seconds; 0 turns
+    /// it off [default: 3600].
+    #[arg(long, env = "VEIL_ORPHAN_SWEEP_INTERVAL_SECS")]
+    pub orphan_sweep_interval_secs: Option<u64>,
+    /// How old an unnamed blob must be before the orphan sweep deletes it, in seconds; a
+    /// prompt uploaded through `/api/v3` must be submitted within this time [default: 86400,
+    /// at least 3600].
+    #[arg(long, env = "VEIL_ORPHAN_GRACE_SECS")]
+    pub orphan_grace_secs: Option<u64>,
 }
+
+/// Default age below which the orphan sweep leaves an unnamed blob alone: a day.
+pub const DEFAULT_ORPHAN_GRACE_SECS: u64 = 86_400;
+/// Shortest orphan grace accepted: an hour, well beyond the time between storing a blob and
+/// naming it in a task (milliseconds at the edge, a presigned upload's ten minutes).
+pub const MIN_ORPHAN_GRACE_SECS: u64 = 3_600;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -278,6 +294,10 @@ pub struct Config {
     pub default_retention: crate::store::RetentionPolicy,
     /// Retention sweeper period.
     pub retention_sweep_interval_ms: u64,
+    /// Orphan sweep period in seconds; 0: off.
+    pub orphan_sweep_interval_secs: u64,
+    /// Age in seconds below which the orphan sweep leaves an unnamed blob alone.
+    pub orphan_grace_secs: u64,
 }
 
 /// How the router follows the on-chain ACL contract. `Debug` shows the RPC URL redacted.
@@ -475,7 +495,9 @@ impl Settings {
             retention_prompt_ttl_secs,
             retention_result_ttl_secs,
             retention_result_on_fetch,
-            retention_sweep_interval_ms
+            retention_sweep_interval_ms,
+            orphan_sweep_interval_secs,
+            orphan_grace_secs
         )
     }
 }
@@ -593,6 +615,13 @@ impl Config {
         if retention_sweep_interval_ms < 100 {
             return Err(err("retention_sweep_interval_ms", "must be at least 100"));
         }
+        let orphan_grace_secs = s.orphan_grace_secs.unwrap_or(DEFAULT_ORPHAN_GRACE_SECS);
+        if orphan_grace_secs < MIN_ORPHAN_GRACE_SECS {
+            return Err(err(
+                "orphan_grace_secs",
+                format!("must be at least {MIN_ORPHAN_GRACE_SECS}"),
+            ));
+        }
         Ok(Config {
             listen: s
                 .listen
@@ -622,6 +651,8 @@ impl Config {
             acl,
             default_retention,
             retention_sweep_interval_ms,
+            orphan_sweep_interval_secs: s.orphan_sweep_interval_secs.unwrap_or(3600),
+            orphan_grace_secs,
         })
     }
 
@@ -696,6 +727,13 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.setting, "static_allowed_miners");
+        let e = Config::from_settings(Settings {
+            orphan_grace_secs: Some(MIN_ORPHAN_GRACE_SECS - 1),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "orphan_grace_secs");
+        assert!(e.message.contains("at least 3600"), "{e}");
     }
 
     const CONTRACT: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";

@@ -8,6 +8,7 @@ pub mod error;
 pub mod key_lifecycle;
 pub mod lease_polls;
 pub mod limits;
+pub mod orphans;
 pub mod retention;
 pub mod server;
 pub mod state;

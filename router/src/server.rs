@@ -234,13 +234,15 @@ pub async fn prepare_with(cfg: Config, blobs: Option<BlobStore>) -> Result<Start
 }
 
 /// Background work: returns expired leases to the queue (or dead-letters them), fails tasks
-/// past their deadline, prunes used nonces, deletes blobs by retention policy, and (when configured) follows the on-chain ACL and
-/// mirrors it into the store. Runs until the returned handle is aborted.
+/// past their deadline, prunes used nonces, deletes blobs by retention policy and blobs no
+/// task names (the orphan sweep), and (when configured) follows the on-chain ACL and mirrors
+/// it into the store. Runs until the returned handle is aborted.
 pub fn spawn_background(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         tokio::join!(
             crate::acl::follow(state.clone()),
             crate::retention::sweeper(state.clone()),
+            crate::orphans::sweeper(state.clone()),
             crate::key_lifecycle::watch_keyring(state.clone()),
             reaper(state)
         );

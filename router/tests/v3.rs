@@ -2006,6 +2006,15 @@ async fn presigned_upload_and_download_on_s3() {
             let p: PresignedUrl = answer(got, StatusCode::OK);
             assert_eq!(p.method, "PUT");
             assert!(p.expires_at > unix_now() && p.expires_at <= unix_now() + 600);
+            // Named as the router names this task's blobs, so the orphan sweep knows whose
+            // it is if the task is never submitted.
+            let name = p.urn.parse::<veil_blobstore::Urn>().unwrap();
+            assert!(
+                name.file_name()
+                    .starts_with(&format!("{}/{task}/prompt-", c.session)),
+                "{}",
+                p.urn
+            );
             p
         }
     };

@@ -3,12 +3,16 @@
 //! unaffected by its prompt's deletion; `client_only` sessions refuse `/api/v2`; the owner's
 //! privacy status; the public deployment description.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use uuid::Uuid;
+use veil_blobstore::object_store::path::Path;
+use veil_blobstore::object_store::{ObjectStoreExt, PutPayload};
+use veil_keys::{BlobParams, KeyId, Purpose, SecretKey};
 use veil_miner::InstantEngine;
-use veil_router::store::Task;
+use veil_router::orphans;
+use veil_router::store::{NewRewrap, NewTask, SealedBy, Task};
 use veil_tests::harness::{TestRouter, http, miner};
 
 fn chat(session: &str, content: &str) -> Value {
@@ -404,4 +408,166 @@ fn acl_abi_hash_is_reproducible() {
         python.trim(),
         veil_router::api::deployment::acl_abi_sha256()
     );
+}
+
+/// Stores a sealed blob under the router's name for `(session, task, purpose)`, as an upload
+/// would; its content does not matter to the sweep.
+async fn stray_blob(router: &TestRouter, session: Uuid, task: Uuid, purpose: Purpose) -> String {
+    let params = BlobParams::new(KeyId::task(1, session, task), purpose);
+    let blob = veil_keys::seal(&SecretKey::from_bytes([7; 32]), &params, b"stray").unwrap();
+    router.state.blobs.put(blob).await.unwrap().urn.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_orphan_sweep_deletes_old_blobs_that_no_task_names_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = TestRouter::start(TestRouter::settings(dir.path())).await;
+    let (_worker, _miner) = miner(&router.url, InstantEngine::new(["tiny"]));
+    let key = router.admin().to_string();
+    let s = session(&router, &key, json!({"retention": {}})).await;
+    let sid: Uuid = s.parse().unwrap();
+
+    // A completed task keeps its prompt and result; a losing result uploaded for it and a
+    // prompt for a task never submitted are orphans.
+    let (done, _) = complete(&router, &key, &s).await;
+    let done_task = task(&router, done).await;
+    let result_urn = done_task.result.clone().unwrap().result_urn;
+    let loser = stray_blob(&router, sid, done, Purpose::Result).await;
+    let never = Uuid::now_v7();
+    let unsubmitted = stray_blob(&router, sid, never, Purpose::Prompt).await;
+
+    // Kept: a blob under a task still queued (a result on its way), one under a completed task
+    // whose key rewrap is under way, one whose name gives another session than its task's, and
+    // an object that is not named as the router names blobs.
+    let queued = Uuid::now_v7();
+    let prompt = stray_blob(&router, sid, queued, Purpose::Prompt).await;
+    router
+        .state
+        .store
+        .enqueue(&NewTask {
+            id: queued,
+            session_id: sid,
+            prompt_urn: prompt.clone(),
+            prompt_hash: [0; 32],
+            prompt_scope: 2,
+            key_version: 1,
+            model: "nobody-serves-this".into(),
+            params: Default::default(),
+            max_attempts: 3,
+            created_at_ms: veil_router::state::now_ms(),
+            deadline_ms: None,
+            submitted_by: "test".into(),
+            sealed_by: SealedBy::Router,
+        })
+        .await
+        .unwrap();
+    let on_the_way = stray_blob(&router, sid, queued, Purpose::Result).await;
+    let (rewrapped, _) = complete(&router, &key, &s).await;
+    router
+        .state
+        .store
+        .rewrap_begin(&NewRewrap {
+            id: Uuid::now_v7(),
+            task_id: rewrapped,
+            old_version: 1,
+            new_version: 2,
+            started_at_ms: veil_router::state::now_ms(),
+        })
+        .await
+        .unwrap();
+    let mid_rewrap = stray_blob(&router, sid, rewrapped, Purpose::Result).await;
+    let mismatched = stray_blob(&router, Uuid::now_v7(), done, Purpose::Result).await;
+    let odd = router.state.blobs.id().urn("notes/readme.txt").unwrap();
+    router
+        .state
+        .blobs
+        .object_store()
+        .put(
+            &Path::from(odd.file_name()),
+            PutPayload::from_static(b"not a blob"),
+        )
+        .await
+        .unwrap();
+    let odd = odd.to_string();
+
+    let everything = [
+        &done_task.prompt_urn,
+        &result_urn,
+        &loser,
+        &unsubmitted,
+        &prompt,
+        &on_the_way,
+        &mid_rewrap,
+        &mismatched,
+        &odd,
+    ];
+    for urn in everything {
+        assert!(blob_exists(&router, urn).await, "{urn}");
+    }
+
+    // Within the grace period nothing is touched.
+    let report = orphans::sweep(&router.state, SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(report.deleted, 0, "{report:?}");
+    assert_eq!(report.young, report.listed, "{report:?}");
+    for urn in everything {
+        assert!(blob_exists(&router, urn).await, "{urn}");
+    }
+
+    // Past it, exactly the two orphans go, each audited.
+    let later = SystemTime::now() + Duration::from_secs(2 * 86_400);
+    let report = orphans::sweep(&router.state, later).await.unwrap();
+    assert_eq!(report.deleted, 2, "{report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(report.unrecognized, 1, "{report:?}");
+    assert!(!blob_exists(&router, &loser).await);
+    assert!(!blob_exists(&router, &unsubmitted).await);
+    for urn in everything
+        .into_iter()
+        .filter(|u| **u != loser && **u != unsubmitted)
+    {
+        assert!(blob_exists(&router, urn).await, "kept: {urn}");
+    }
+    let audit: Vec<Value> = router
+        .audit("blob.delete")
+        .await
+        .into_iter()
+        .filter(|e| e["detail"]["reason"] == "orphan")
+        .collect();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    let by_urn = |urn: &str| {
+        audit
+            .iter()
+            .find(|e| e["detail"]["urn"] == urn)
+            .unwrap_or_else(|| panic!("no audit entry for {urn}: {audit:?}"))
+            .clone()
+    };
+    let e = by_urn(&loser);
+    assert_eq!(e["task_id"], done.to_string());
+    assert_eq!(e["session_id"], s);
+    assert_eq!(e["detail"]["blob"], "result");
+    assert_eq!(e["detail"]["task"], "ended");
+    let e = by_urn(&unsubmitted);
+    assert_eq!(e["task_id"], never.to_string());
+    assert_eq!(e["detail"]["blob"], "prompt");
+    assert_eq!(e["detail"]["task"], "absent");
+
+    // Once the queued task has ended, what it never named goes too; a second pass over the
+    // rest deletes nothing more.
+    router
+        .state
+        .store
+        .cancel(queued, veil_router::state::now_ms())
+        .await
+        .unwrap();
+    let report = orphans::sweep(&router.state, later).await.unwrap();
+    assert_eq!(report.deleted, 1, "{report:?}");
+    assert!(!blob_exists(&router, &on_the_way).await);
+    assert!(
+        blob_exists(&router, &prompt).await,
+        "its prompt is still named"
+    );
+    let report = orphans::sweep(&router.state, later).await.unwrap();
+    assert_eq!(report.deleted, 0, "{report:?}");
 }

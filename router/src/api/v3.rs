@@ -50,7 +50,7 @@ use veil_api::v3::{
 };
 use veil_api::wire::{Hex32, unix_now};
 use veil_blobstore::{PresignMethod, Urn};
-use veil_keys::{Header, Purpose, Scope, X25519Public};
+use veil_keys::{Header, KeyId, Purpose, Scope, X25519Public};
 
 use super::admin::parse_uuid;
 use super::miner::{blob_error, read_head, store_sealed};
@@ -1064,7 +1064,13 @@ async fn prompt_presign(
     check_open(&session, "session_id")?;
     check_new_task_id(&state, task_id, "task_id").await?;
     check_presign(&state)?;
-    let urn = state.blobs.fresh_urn().map_err(presign_error)?;
+    // Named as the router names the blobs it stores for this task, so that the orphan sweep
+    // can tell whose it is (a prompt never submitted is swept after the grace period).
+    let key = KeyId::task(state.keys.active_version(), session.id, task_id);
+    let urn = state
+        .blobs
+        .fresh_urn_for(&key, Purpose::Prompt)
+        .map_err(presign_error)?;
     let entry = NewAuditEntry {
         actor: reader.owner.clone(),
         session_id: Some(session.id),
