@@ -1172,7 +1172,7 @@ impl Store for PgStore {
     }
 
     async fn due_deletions(&self, now_ms: i64, limit: u32) -> Result<Vec<DueDeletion>> {
-        sqlx::query_as::<_, sql::DueRow>(sql::DUE_DELETIONS)
+        sqlx::query_as::<_, sql::DueRow>(sql::DUE_DELETIONS_LATERAL)
             .bind(now_ms)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
@@ -1402,5 +1402,112 @@ impl Store for PgStore {
         .into_iter()
         .map(AuditRow::into_entry)
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use veil_testkit::postgres::TestDatabase;
+
+    /// The reads of `tasks` in a plan: (node type, index condition), where a bitmap heap scan
+    /// reports its bitmap index scan's condition.
+    fn task_reads(node: &Value, out: &mut Vec<(String, String)>) {
+        let kind = node["Node Type"].as_str().unwrap_or_default();
+        if node["Relation Name"] == "tasks" {
+            let cond = match kind {
+                "Bitmap Heap Scan" => node["Plans"][0]["Index Cond"].as_str(),
+                _ => node["Index Cond"].as_str(),
+            };
+            out.push((kind.to_owned(), cond.unwrap_or_default().to_owned()));
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            task_reads(child, out);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_retention_sweep_reads_tasks_only_through_ranges_of_its_indexes() {
+        let db = TestDatabase::create().await;
+        let store = PgStore::connect(db.url()).await.unwrap();
+        store.migrate().await.unwrap();
+        // 40 open sessions with every rule, 2,500 finished tasks each whose blobs are all kept
+        // and none due: the planner must still read only ranges of the kept-blob indexes.
+        sqlx::query(
+            "INSERT INTO sessions (id, owner, kind, private, allowlist_source, created_at_ms, \
+             prompt_on_delivery, prompt_ttl_ms, result_ttl_ms, result_on_fetch) \
+             SELECT gen_random_uuid(), 'o', 'pooled', false, 'router', 0, true, 86400000, \
+             86400000, g % 2 = 0 FROM generate_series(1, 40) g",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO tasks (id, session_id, prompt_urn, prompt_hash, prompt_scope, \
+             key_version, model, params, state, max_attempts, created_at_ms, submitted_by, \
+             result_urn, result_hash, result_size, finished_at_ms) \
+             SELECT gen_random_uuid(), s.id, 'urn:p', decode(repeat('00', 32), 'hex'), 2, 1, \
+             'm', '{}', 'completed', 3, 1000000 + g, 'o', 'urn:r', \
+             decode(repeat('00', 32), 'hex'), 1, 1000000 + g \
+             FROM sessions s, generate_series(1, 2500) g",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE").execute(&store.pool).await.unwrap();
+
+        let mut c = store.pool.acquire().await.unwrap();
+        // Test-only text built from constants.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PREPARE due (bigint, bigint) AS {}",
+            sql::DUE_DELETIONS_LATERAL
+        )))
+        .execute(&mut *c)
+        .await
+        .unwrap();
+        // The plan for these values, and the generic plan a cached statement may switch to.
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("SET plan_cache_mode = {mode}")))
+                .execute(&mut *c)
+                .await
+                .unwrap();
+            let (plan,): (Value,) =
+                sqlx::query_as("EXPLAIN (FORMAT JSON) EXECUTE due (2000000, 256)")
+                    .fetch_one(&mut *c)
+                    .await
+                    .unwrap();
+            let mut reads = Vec::new();
+            task_reads(&plan[0]["Plan"], &mut reads);
+            assert_eq!(reads.len(), 6, "{mode}: {plan:#}");
+            for (kind, cond) in &reads {
+                assert!(
+                    matches!(kind.as_str(), "Index Scan" | "Bitmap Heap Scan"),
+                    "{mode}: {kind} on tasks: {plan:#}"
+                );
+                assert!(
+                    cond.contains("session_id = s"),
+                    "{mode}: not by session: {cond}: {plan:#}"
+                );
+            }
+            assert_eq!(
+                reads
+                    .iter()
+                    .filter(|(_, c)| c.contains("_at_ms <="))
+                    .count(),
+                2,
+                "{mode}: the two TTL reads are ranges: {plan:#}"
+            );
+        }
+        assert!(
+            store
+                .due_deletions(2_000_000, 256)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        drop(c);
+        drop(store);
+        db.drop_database().await;
     }
 }

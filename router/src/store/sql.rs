@@ -57,66 +57,121 @@ macro_rules! audit_columns {
 }
 pub(super) use audit_columns;
 
-/// Blobs due for deletion at `$1`, at most `$2`: the prompt and result blobs of finished tasks
-/// whose session is closed, or whose delivery or TTL rule applies. Same text for both backends.
+/// One branch of the due-deletions query: `$select` over the tasks of the sessions matching
+/// `$session` whose own columns (and the session's) match `$task`.
 ///
-/// One query per blob and reason, each driven by the sessions it can apply to (`CROSS JOIN`
-/// keeps SQLite's planner from turning the join around) and reading
-/// only their tasks' kept blobs through `tasks_prompt_kept` / `tasks_result_kept`: for a TTL,
-/// only the range past it. Blobs kept under no rule (an open session without a TTL, say) are
-/// never read, so a pass costs what is due plus one probe per session with a rule, not a scan
-/// of every finished task.
-pub(super) const DUE_DELETIONS: &str = concat!(
-    // Prompts of closed sessions.
-    "SELECT t.id, t.session_id, 'prompt' AS kind, t.prompt_urn AS urn, t.prompt_hash AS hash, \
-            t.key_version, 'session_closed' AS reason \
-     FROM sessions s CROSS JOIN tasks t \
-     WHERE t.session_id = s.id AND s.closed_at_ms IS NOT NULL \
-       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-       AND t.prompt_deleted_at_ms IS NULL \
-     UNION ALL ",
-    // Delivered prompts where the policy deletes them on delivery.
-    "SELECT t.id, t.session_id, 'prompt', t.prompt_urn, t.prompt_hash, t.key_version, 'delivered' \
-     FROM sessions s CROSS JOIN tasks t \
-     WHERE t.session_id = s.id AND s.closed_at_ms IS NULL AND s.prompt_on_delivery \
-       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-       AND t.prompt_deleted_at_ms IS NULL AND t.delivered_at_ms IS NOT NULL \
-     UNION ALL ",
-    // Prompts past their session's TTL (and not due as delivered).
-    "SELECT t.id, t.session_id, 'prompt', t.prompt_urn, t.prompt_hash, t.key_version, 'ttl' \
-     FROM sessions s CROSS JOIN tasks t \
-     WHERE t.session_id = s.id AND s.closed_at_ms IS NULL AND s.prompt_ttl_ms IS NOT NULL \
-       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-       AND t.prompt_deleted_at_ms IS NULL \
-       AND t.created_at_ms <= $1 - s.prompt_ttl_ms \
-       AND NOT (s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL) \
-     UNION ALL ",
-    // Results of closed sessions.
-    "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
-            'session_closed' \
-     FROM sessions s CROSS JOIN tasks t \
-     WHERE t.session_id = s.id AND s.closed_at_ms IS NOT NULL \
-       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-       AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
-     UNION ALL ",
-    // Fetched results where the policy deletes them on fetch.
-    "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, 'delivered' \
-     FROM sessions s CROSS JOIN tasks t \
-     WHERE t.session_id = s.id AND s.closed_at_ms IS NULL AND s.result_on_fetch \
-       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-       AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
-       AND t.delivered_at_ms IS NOT NULL \
-     UNION ALL ",
-    // Results past their session's TTL (and not due as fetched).
-    "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, 'ttl' \
-     FROM sessions s CROSS JOIN tasks t \
-     WHERE t.session_id = s.id AND s.closed_at_ms IS NULL AND s.result_ttl_ms IS NOT NULL \
-       AND t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-       AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
-       AND t.finished_at_ms <= $1 - s.result_ttl_ms \
-       AND NOT (s.result_on_fetch AND t.delivered_at_ms IS NOT NULL) \
-     LIMIT $2"
-);
+/// `plain` (SQLite) is `sessions s CROSS JOIN tasks t` (the `CROSS JOIN` keeps SQLite's planner
+/// from turning the join around). `lateral` (PostgreSQL) reads each session's tasks in a
+/// `LATERAL` subquery that `OFFSET 0` keeps from being flattened into a join: PostgreSQL's
+/// planner would otherwise hash-join the sessions against a scan of every task (measured: 174 ms
+/// per pass over 400,000 kept tasks, against 0.7 ms this way).
+macro_rules! due_branch {
+    (plain, $select:literal, $session:literal, $task:literal) => {
+        concat!(
+            $select,
+            " FROM sessions s CROSS JOIN tasks t WHERE t.session_id = s.id AND ",
+            $session,
+            " AND ",
+            $task
+        )
+    };
+    (lateral, $select:literal, $session:literal, $task:literal) => {
+        concat!(
+            $select,
+            " FROM sessions s CROSS JOIN LATERAL (SELECT * FROM tasks t WHERE t.session_id = s.id \
+             AND ",
+            $task,
+            " OFFSET 0) t WHERE ",
+            $session
+        )
+    };
+}
+
+/// Blobs due for deletion at `$1`, at most `$2`: the prompt and result blobs of finished tasks
+/// whose session is closed, or whose delivery or TTL rule applies ([`due_branch`] says how
+/// each backend joins).
+///
+/// One query per blob and reason, each driven by the sessions it can apply to and reading only
+/// their tasks' kept blobs through `tasks_prompt_kept` / `tasks_result_kept`: for a TTL, only
+/// the range past it. Blobs kept under no rule (an open session without a TTL, say) are never
+/// read, so a pass costs what is due plus one probe per session with a rule, not a scan of
+/// every finished task.
+macro_rules! due_deletions {
+    ($join:ident) => {
+        concat!(
+            // Prompts of closed sessions.
+            due_branch!(
+                $join,
+                "SELECT t.id, t.session_id, 'prompt' AS kind, t.prompt_urn AS urn, \
+                 t.prompt_hash AS hash, t.key_version, 'session_closed' AS reason",
+                "s.closed_at_ms IS NOT NULL",
+                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+                 AND t.prompt_deleted_at_ms IS NULL"
+            ),
+            " UNION ALL ",
+            // Delivered prompts where the policy deletes them on delivery.
+            due_branch!(
+                $join,
+                "SELECT t.id, t.session_id, 'prompt', t.prompt_urn, t.prompt_hash, t.key_version, \
+                 'delivered'",
+                "s.closed_at_ms IS NULL AND s.prompt_on_delivery",
+                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+                 AND t.prompt_deleted_at_ms IS NULL AND t.delivered_at_ms IS NOT NULL"
+            ),
+            " UNION ALL ",
+            // Prompts past their session's TTL (and not due as delivered).
+            due_branch!(
+                $join,
+                "SELECT t.id, t.session_id, 'prompt', t.prompt_urn, t.prompt_hash, t.key_version, \
+                 'ttl'",
+                "s.closed_at_ms IS NULL AND s.prompt_ttl_ms IS NOT NULL",
+                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+                 AND t.prompt_deleted_at_ms IS NULL \
+                 AND t.created_at_ms <= $1 - s.prompt_ttl_ms \
+                 AND NOT (s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL)"
+            ),
+            " UNION ALL ",
+            // Results of closed sessions.
+            due_branch!(
+                $join,
+                "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
+                 'session_closed'",
+                "s.closed_at_ms IS NOT NULL",
+                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+                 AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL"
+            ),
+            " UNION ALL ",
+            // Fetched results where the policy deletes them on fetch.
+            due_branch!(
+                $join,
+                "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
+                 'delivered'",
+                "s.closed_at_ms IS NULL AND s.result_on_fetch",
+                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+                 AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
+                 AND t.delivered_at_ms IS NOT NULL"
+            ),
+            " UNION ALL ",
+            // Results past their session's TTL (and not due as fetched).
+            due_branch!(
+                $join,
+                "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
+                 'ttl'",
+                "s.closed_at_ms IS NULL AND s.result_ttl_ms IS NOT NULL",
+                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
+                 AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
+                 AND t.finished_at_ms <= $1 - s.result_ttl_ms \
+                 AND NOT (s.result_on_fetch AND t.delivered_at_ms IS NOT NULL)"
+            ),
+            " LIMIT $2"
+        )
+    };
+}
+
+/// [`due_deletions`] for SQLite.
+pub(super) const DUE_DELETIONS: &str = due_deletions!(plain);
+/// [`due_deletions`] for PostgreSQL.
+pub(super) const DUE_DELETIONS_LATERAL: &str = due_deletions!(lateral);
 
 /// Records the first delivery of a completed task's result.
 pub(super) const MARK_DELIVERED: &str = "UPDATE tasks SET delivered_at_ms = $2 \
