@@ -181,6 +181,7 @@ suite!(
     retention_policy_round_trips,
     retention_due_deletions,
     retention_rules_each_name_a_blob_once,
+    retention_follows_every_end_of_a_task_and_policy_changes,
     key_lifecycle_usage_candidates_and_rewrap_journal,
     audit_appends_stay_linear_under_concurrency,
     concurrent_leasing_leases_every_task_once,
@@ -1664,6 +1665,103 @@ async fn completed(s: &Arc<dyn Store>, session_id: Uuid, n: u8, at: i64) -> Task
         Ok(CompleteOutcome::Accepted(task)) => task,
         other => panic!("expected Accepted, got {other:?}"),
     }
+}
+
+/// Blobs become due however their task ends (failed by its miner, cancelled, past its
+/// deadline, dead after too many attempts, completed), and when a session that kept its blobs
+/// gets a retention rule; a running task's blobs never are.
+async fn retention_follows_every_end_of_a_task_and_policy_changes(s: Arc<dyn Store>, _b: &Backend) {
+    let mut np = new_session("key:owner", public(), T0);
+    np.retention = RetentionPolicy {
+        delete_prompt_on_delivery: false,
+        prompt_ttl_secs: Some(60),
+        result_ttl_secs: None,
+        delete_result_on_fetch: false,
+    };
+    let p = s.create_session(&np).await.unwrap();
+    // Failed by its miner.
+    let failed = enqueue(&s, p.id).await;
+    let l = lease_one(&s, MINER_A, T0).await;
+    assert_eq!(l.task.id, failed.id);
+    s.fail(l.lease_id, MINER_A, "engine_error", "boom", T0 + 1)
+        .await
+        .unwrap();
+    // Cancelled.
+    let cancelled = enqueue(&s, p.id).await;
+    s.cancel(cancelled.id, T0 + 2).await.unwrap();
+    // Dead: its only attempt's lease lapsed.
+    let mut n = new_task(p.id, MODEL, T0);
+    n.max_attempts = 1;
+    let dead = s.enqueue(&n).await.unwrap();
+    let l = lease_one(&s, MINER_A, T0).await;
+    assert_eq!(l.task.id, dead.id);
+    // Past its deadline.
+    let mut n = new_task(p.id, MODEL, T0);
+    n.deadline_ms = Some(T0 + 5);
+    let late = s.enqueue(&n).await.unwrap();
+    let report = s.reap(T0 + TTL).await.unwrap();
+    assert_eq!(report.deadline_failed, vec![late.id]);
+    assert_eq!(report.dead, vec![dead.id]);
+    // Still running: never due.
+    let running = enqueue(&s, p.id).await;
+
+    let prompts = |due: Vec<veil_router::store::DueDeletion>| {
+        let mut ids: Vec<Uuid> = due
+            .into_iter()
+            .inspect(|d| assert_eq!((d.kind, d.reason), (BlobKind::Prompt, DeletionReason::Ttl)))
+            .map(|d| d.task_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert!(s.due_deletions(T0 + 59_999, 100).await.unwrap().is_empty());
+    let mut want = vec![failed.id, cancelled.id, late.id, dead.id];
+    want.sort();
+    assert_eq!(
+        prompts(s.due_deletions(T0 + 60_000, 100).await.unwrap()),
+        want
+    );
+    assert_eq!(
+        s.get_task(running.id).await.unwrap().state,
+        TaskState::Queued
+    );
+
+    // A session that kept everything gets a result TTL: its completed task's result is due a
+    // minute after the task ended, its prompt (still kept) never.
+    let k = session(&s, public()).await;
+    let done = completed(&s, k.id, 1, T0).await;
+    assert!(
+        s.due_deletions(T0 + 10_000_000, 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.session_id != k.id)
+    );
+    let policy = RetentionPolicy {
+        delete_prompt_on_delivery: false,
+        prompt_ttl_secs: None,
+        result_ttl_secs: Some(60),
+        delete_result_on_fetch: false,
+    };
+    s.set_session_policy(k.id, &policy, SealingPolicy::Any)
+        .await
+        .unwrap();
+    let of_k = |due: Vec<veil_router::store::DueDeletion>| {
+        due.into_iter()
+            .filter(|d| d.session_id == k.id)
+            .map(|d| (d.task_id, d.kind, d.reason))
+            .collect::<Vec<_>>()
+    };
+    assert!(of_k(s.due_deletions(T0 + 10 + 59_999, 100).await.unwrap()).is_empty());
+    assert_eq!(
+        of_k(s.due_deletions(T0 + 10 + 60_000, 100).await.unwrap()),
+        vec![(done.id, BlobKind::Result, DeletionReason::Ttl)]
+    );
+    // And back to keeping everything: nothing of it is due any more.
+    s.set_session_policy(k.id, &RetentionPolicy::default(), SealingPolicy::Any)
+        .await
+        .unwrap();
+    assert!(of_k(s.due_deletions(T0 + 10_000_000, 100).await.unwrap()).is_empty());
 }
 
 /// Prompt TTLs, deletion on fetch, and a blob due under two rules (delivered and past its

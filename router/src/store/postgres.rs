@@ -358,7 +358,19 @@ async fn finish(
     .fetch_one(&mut **tx)
     .await
     .map_err(db_err)?;
+    refresh_due(tx, sql::REFRESH_DUE_OF_TASK, id).await?;
     row.into_task()
+}
+
+/// Recomputes when the blobs of a task ([`sql::REFRESH_DUE_OF_TASK`]) or of a session's tasks
+/// ([`sql::REFRESH_DUE_OF_SESSION`]) are due for deletion, in the caller's transaction.
+async fn refresh_due(tx: &mut Tx, statement: &'static str, id: Uuid) -> Result<()> {
+    sqlx::query(statement)
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    Ok(())
 }
 
 /// Appends `e` to the audit hash chain inside `tx`, so that it commits with the change it
@@ -567,6 +579,7 @@ impl Store for PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
+            refresh_due(&mut tx, sql::REFRESH_DUE_OF_SESSION, id).await?;
             let n = cancelled.len() as u64;
             let events = cancelled
                 .into_iter()
@@ -1049,6 +1062,7 @@ impl Store for PgStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
+            refresh_due(&mut tx, sql::REFRESH_DUE_OF_TASK, task.id).await?;
             let task = row.into_task()?;
             let event = StoreEvent::TaskFinished { task_id: task.id };
             Ok((CompleteOutcome::Accepted(task), vec![event]))
@@ -1112,6 +1126,9 @@ impl Store for PgStore {
             .await
             .map_err(db_err)?;
             let (report, events) = sql::reap_outcome(deadline_failed, expired);
+            for &id in report.deadline_failed.iter().chain(&report.dead) {
+                refresh_due(&mut tx, sql::REFRESH_DUE_OF_TASK, id).await?;
+            }
             Ok((report, events))
         }
         .await;
@@ -1151,6 +1168,7 @@ impl Store for PgStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
+            refresh_due(&mut tx, sql::REFRESH_DUE_OF_SESSION, id).await?;
             let row = session_row(&mut tx, id, true).await?;
             let session = load_session(&mut *tx, row).await?;
             Ok((session, Vec::new()))
@@ -1172,7 +1190,7 @@ impl Store for PgStore {
     }
 
     async fn due_deletions(&self, now_ms: i64, limit: u32) -> Result<Vec<DueDeletion>> {
-        sqlx::query_as::<_, sql::DueRow>(sql::DUE_DELETIONS_LATERAL)
+        sqlx::query_as::<_, sql::DueRow>(sql::DUE_DELETIONS)
             .bind(now_ms)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
@@ -1411,34 +1429,39 @@ mod tests {
     use serde_json::Value;
     use veil_testkit::postgres::TestDatabase;
 
-    /// The reads of `tasks` in a plan: (node type, index condition), where a bitmap heap scan
-    /// reports its bitmap index scan's condition.
-    fn task_reads(node: &Value, out: &mut Vec<(String, String)>) {
+    /// The reads of a table in a plan: (node type, index name, index condition), where a bitmap
+    /// heap scan reports its bitmap index scan's index and condition.
+    fn reads(node: &Value, table: &str, out: &mut Vec<(String, String, String)>) {
         let kind = node["Node Type"].as_str().unwrap_or_default();
-        if node["Relation Name"] == "tasks" {
-            let cond = match kind {
-                "Bitmap Heap Scan" => node["Plans"][0]["Index Cond"].as_str(),
-                _ => node["Index Cond"].as_str(),
+        if node["Relation Name"] == table {
+            let index = match kind {
+                "Bitmap Heap Scan" => &node["Plans"][0],
+                _ => node,
             };
-            out.push((kind.to_owned(), cond.unwrap_or_default().to_owned()));
+            out.push((
+                kind.to_owned(),
+                index["Index Name"].as_str().unwrap_or_default().to_owned(),
+                index["Index Cond"].as_str().unwrap_or_default().to_owned(),
+            ));
         }
         for child in node["Plans"].as_array().into_iter().flatten() {
-            task_reads(child, out);
+            reads(child, table, out);
         }
     }
 
     #[tokio::test]
-    async fn the_retention_sweep_reads_tasks_only_through_ranges_of_its_indexes() {
+    async fn the_retention_sweep_reads_only_ranges_of_due_times() {
         let db = TestDatabase::create().await;
         let store = PgStore::connect(db.url()).await.unwrap();
         store.migrate().await.unwrap();
-        // 40 open sessions with every rule, 2,500 finished tasks each whose blobs are all kept
-        // and none due: the planner must still read only ranges of the kept-blob indexes.
+        // 2,000 sessions with every rule, 50 finished tasks each whose blobs are kept and not
+        // yet due (due times a day ahead): a pass must read neither every session nor every
+        // kept blob.
         sqlx::query(
             "INSERT INTO sessions (id, owner, kind, private, allowlist_source, created_at_ms, \
              prompt_on_delivery, prompt_ttl_ms, result_ttl_ms, result_on_fetch) \
              SELECT gen_random_uuid(), 'o', 'pooled', false, 'router', 0, true, 86400000, \
-             86400000, g % 2 = 0 FROM generate_series(1, 40) g",
+             86400000, g % 2 = 0 FROM generate_series(1, 2000) g",
         )
         .execute(&store.pool)
         .await
@@ -1450,8 +1473,15 @@ mod tests {
              SELECT gen_random_uuid(), s.id, 'urn:p', decode(repeat('00', 32), 'hex'), 2, 1, \
              'm', '{}', 'completed', 3, 1000000 + g, 'o', 'urn:r', \
              decode(repeat('00', 32), 'hex'), 1, 1000000 + g \
-             FROM sessions s, generate_series(1, 2500) g",
+             FROM sessions s, generate_series(1, 50) g",
         )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        // Due times as migration 0006 sets them for tasks that ended before it.
+        sqlx::query(sqlx::AssertSqlSafe(sql::backfill(include_str!(
+            "../../migrations/postgres/0006_retention_due_times.sql"
+        ))))
         .execute(&store.pool)
         .await
         .unwrap();
@@ -1461,7 +1491,7 @@ mod tests {
         // Test-only text built from constants.
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "PREPARE due (bigint, bigint) AS {}",
-            sql::DUE_DELETIONS_LATERAL
+            sql::DUE_DELETIONS
         )))
         .execute(&mut *c)
         .await
@@ -1477,27 +1507,30 @@ mod tests {
                     .fetch_one(&mut *c)
                     .await
                     .unwrap();
-            let mut reads = Vec::new();
-            task_reads(&plan[0]["Plan"], &mut reads);
-            assert_eq!(reads.len(), 6, "{mode}: {plan:#}");
-            for (kind, cond) in &reads {
+            let mut tasks = Vec::new();
+            reads(&plan[0]["Plan"], "tasks", &mut tasks);
+            let indexes: Vec<&str> = tasks.iter().map(|(_, i, _)| i.as_str()).collect();
+            assert_eq!(
+                indexes,
+                ["tasks_prompt_due", "tasks_result_due"],
+                "{mode}: {plan:#}"
+            );
+            for (kind, _, cond) in &tasks {
                 assert!(
                     matches!(kind.as_str(), "Index Scan" | "Bitmap Heap Scan"),
                     "{mode}: {kind} on tasks: {plan:#}"
                 );
+                assert!(cond.contains("_due_at_ms <="), "{mode}: {cond}: {plan:#}");
+            }
+            let mut sessions = Vec::new();
+            reads(&plan[0]["Plan"], "sessions", &mut sessions);
+            assert_eq!(sessions.len(), 2, "{mode}: {plan:#}");
+            for (kind, _, cond) in &sessions {
                 assert!(
-                    cond.contains("session_id = s"),
-                    "{mode}: not by session: {cond}: {plan:#}"
+                    kind == "Index Scan" && cond.starts_with("(id = t"),
+                    "{mode}: {kind} on sessions ({cond}): {plan:#}"
                 );
             }
-            assert_eq!(
-                reads
-                    .iter()
-                    .filter(|(_, c)| c.contains("_at_ms <="))
-                    .count(),
-                2,
-                "{mode}: the two TTL reads are ranges: {plan:#}"
-            );
         }
         assert!(
             store
@@ -1505,6 +1538,17 @@ mod tests {
                 .await
                 .unwrap()
                 .is_empty()
+        );
+        // A day after the tenth task of each session was created and finished: ten prompts and
+        // ten results per session are past their TTL (nothing was delivered).
+        let due = store
+            .due_deletions(1_000_010 + 86_400_000, 100_000)
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 2000 * 20);
+        assert!(
+            due.iter()
+                .all(|d| matches!(d.reason, crate::store::DeletionReason::Ttl))
         );
         drop(c);
         drop(store);

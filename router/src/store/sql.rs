@@ -57,125 +57,124 @@ macro_rules! audit_columns {
 }
 pub(super) use audit_columns;
 
-/// One branch of the due-deletions query: `$select` over the tasks of the sessions matching
-/// `$session` whose own columns (and the session's) match `$task`.
-///
-/// `plain` (SQLite) is `sessions s CROSS JOIN tasks t` (the `CROSS JOIN` keeps SQLite's planner
-/// from turning the join around). `lateral` (PostgreSQL) reads each session's tasks in a
-/// `LATERAL` subquery that `OFFSET 0` keeps from being flattened into a join: PostgreSQL's
-/// planner would otherwise hash-join the sessions against a scan of every task (measured: 174 ms
-/// per pass over 400,000 kept tasks, against 0.7 ms this way).
-macro_rules! due_branch {
-    (plain, $select:literal, $session:literal, $task:literal) => {
+/// When a task's prompt blob is due for deletion under its session's rules, as a scalar
+/// subquery on the row being updated (`tasks`), with `$delivered` standing for its delivery
+/// time: NULL while the task runs or when no rule applies; the close time in a closed session;
+/// the delivery time where the session deletes prompts on delivery; else creation plus the
+/// session's prompt TTL. Close and delivery are recorded at the moment they happen, so either
+/// makes the blob due at once, whatever the TTL. Migration `0006` backfills the same
+/// expression.
+macro_rules! prompt_due {
+    ($delivered:literal) => {
         concat!(
-            $select,
-            " FROM sessions s CROSS JOIN tasks t WHERE t.session_id = s.id AND ",
-            $session,
-            " AND ",
-            $task
-        )
-    };
-    (lateral, $select:literal, $session:literal, $task:literal) => {
-        concat!(
-            $select,
-            " FROM sessions s CROSS JOIN LATERAL (SELECT * FROM tasks t WHERE t.session_id = s.id \
-             AND ",
-            $task,
-            " OFFSET 0) t WHERE ",
-            $session
+            "(SELECT CASE \
+               WHEN tasks.state NOT IN ('completed', 'failed', 'dead', 'cancelled') THEN NULL \
+               WHEN s.closed_at_ms IS NOT NULL THEN s.closed_at_ms \
+               WHEN s.prompt_on_delivery AND ",
+            $delivered,
+            " IS NOT NULL THEN ",
+            $delivered,
+            " WHEN s.prompt_ttl_ms IS NOT NULL THEN tasks.created_at_ms + s.prompt_ttl_ms \
+             END FROM sessions s WHERE s.id = tasks.session_id)"
         )
     };
 }
 
-/// Blobs due for deletion at `$1`, at most `$2`: the prompt and result blobs of finished tasks
-/// whose session is closed, or whose delivery or TTL rule applies ([`due_branch`] says how
-/// each backend joins).
-///
-/// One query per blob and reason, each driven by the sessions it can apply to and reading only
-/// their tasks' kept blobs through `tasks_prompt_kept` / `tasks_result_kept`: for a TTL, only
-/// the range past it. Blobs kept under no rule (an open session without a TTL, say) are never
-/// read, so a pass costs what is due plus one probe per session with a rule, not a scan of
-/// every finished task.
-macro_rules! due_deletions {
-    ($join:ident) => {
+/// [`prompt_due`] for the result blob: NULL without a result; TTL counted from the task's end.
+macro_rules! result_due {
+    ($delivered:literal) => {
         concat!(
-            // Prompts of closed sessions.
-            due_branch!(
-                $join,
-                "SELECT t.id, t.session_id, 'prompt' AS kind, t.prompt_urn AS urn, \
-                 t.prompt_hash AS hash, t.key_version, 'session_closed' AS reason",
-                "s.closed_at_ms IS NOT NULL",
-                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-                 AND t.prompt_deleted_at_ms IS NULL"
-            ),
-            " UNION ALL ",
-            // Delivered prompts where the policy deletes them on delivery.
-            due_branch!(
-                $join,
-                "SELECT t.id, t.session_id, 'prompt', t.prompt_urn, t.prompt_hash, t.key_version, \
-                 'delivered'",
-                "s.closed_at_ms IS NULL AND s.prompt_on_delivery",
-                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-                 AND t.prompt_deleted_at_ms IS NULL AND t.delivered_at_ms IS NOT NULL"
-            ),
-            " UNION ALL ",
-            // Prompts past their session's TTL (and not due as delivered).
-            due_branch!(
-                $join,
-                "SELECT t.id, t.session_id, 'prompt', t.prompt_urn, t.prompt_hash, t.key_version, \
-                 'ttl'",
-                "s.closed_at_ms IS NULL AND s.prompt_ttl_ms IS NOT NULL",
-                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-                 AND t.prompt_deleted_at_ms IS NULL \
-                 AND t.created_at_ms <= $1 - s.prompt_ttl_ms \
-                 AND NOT (s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL)"
-            ),
-            " UNION ALL ",
-            // Results of closed sessions.
-            due_branch!(
-                $join,
-                "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
-                 'session_closed'",
-                "s.closed_at_ms IS NOT NULL",
-                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-                 AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL"
-            ),
-            " UNION ALL ",
-            // Fetched results where the policy deletes them on fetch.
-            due_branch!(
-                $join,
-                "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
-                 'delivered'",
-                "s.closed_at_ms IS NULL AND s.result_on_fetch",
-                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-                 AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
-                 AND t.delivered_at_ms IS NOT NULL"
-            ),
-            " UNION ALL ",
-            // Results past their session's TTL (and not due as fetched).
-            due_branch!(
-                $join,
-                "SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
-                 'ttl'",
-                "s.closed_at_ms IS NULL AND s.result_ttl_ms IS NOT NULL",
-                "t.state IN ('completed', 'failed', 'dead', 'cancelled') \
-                 AND t.result_urn IS NOT NULL AND t.result_deleted_at_ms IS NULL \
-                 AND t.finished_at_ms <= $1 - s.result_ttl_ms \
-                 AND NOT (s.result_on_fetch AND t.delivered_at_ms IS NOT NULL)"
-            ),
-            " LIMIT $2"
+            "(SELECT CASE \
+               WHEN tasks.state NOT IN ('completed', 'failed', 'dead', 'cancelled') \
+                 OR tasks.result_urn IS NULL THEN NULL \
+               WHEN s.closed_at_ms IS NOT NULL THEN s.closed_at_ms \
+               WHEN s.result_on_fetch AND ",
+            $delivered,
+            " IS NOT NULL THEN ",
+            $delivered,
+            " WHEN s.result_ttl_ms IS NOT NULL THEN tasks.finished_at_ms + s.result_ttl_ms \
+             END FROM sessions s WHERE s.id = tasks.session_id)"
         )
     };
 }
 
-/// [`due_deletions`] for SQLite.
-pub(super) const DUE_DELETIONS: &str = due_deletions!(plain);
-/// [`due_deletions`] for PostgreSQL.
-pub(super) const DUE_DELETIONS_LATERAL: &str = due_deletions!(lateral);
+macro_rules! refresh_due {
+    ($selector:literal) => {
+        concat!(
+            "UPDATE tasks SET prompt_due_at_ms = ",
+            prompt_due!("tasks.delivered_at_ms"),
+            ", result_due_at_ms = ",
+            result_due!("tasks.delivered_at_ms"),
+            " WHERE ",
+            $selector
+        )
+    };
+}
+
+/// Recomputes when task `$1`'s blobs are due; run in the transaction that ended the task.
+pub(super) const REFRESH_DUE_OF_TASK: &str = refresh_due!("id = $1");
+/// Recomputes when the blobs of session `$1`'s ended tasks are due (a running task has none);
+/// run in the transaction that closed the session or changed its retention.
+pub(super) const REFRESH_DUE_OF_SESSION: &str =
+    refresh_due!("session_id = $1 AND state IN ('completed', 'failed', 'dead', 'cancelled')");
+
+/// Blobs due for deletion at `$1`, at most `$2`: prompt and result blobs whose due time (kept
+/// in the task row, [`prompt_due`], [`result_due`]) has come and that are not deleted yet. Same
+/// text for both backends.
+///
+/// Each half reads one range of a partial index on its due time (`tasks_prompt_due`,
+/// `tasks_result_due`), and looks up the session of each blob found (a scalar subquery, so that
+/// no planner turns it into a scan of every session): a pass costs what is due, whatever the
+/// number of sessions and of kept blobs. The reason is the rule that applies now, in the order
+/// the due time takes them.
+pub(super) const DUE_DELETIONS: &str = "\
+    SELECT t.id, t.session_id, 'prompt' AS kind, t.prompt_urn AS urn, t.prompt_hash AS hash, \
+            t.key_version, \
+            (SELECT CASE WHEN s.closed_at_ms IS NOT NULL THEN 'session_closed' \
+                         WHEN s.prompt_on_delivery AND t.delivered_at_ms IS NOT NULL \
+                           THEN 'delivered' \
+                         ELSE 'ttl' END \
+             FROM sessions s WHERE s.id = t.session_id) AS reason \
+     FROM tasks t \
+     WHERE t.prompt_due_at_ms IS NOT NULL AND t.prompt_due_at_ms <= $1 \
+       AND t.prompt_deleted_at_ms IS NULL \
+     UNION ALL \
+     SELECT t.id, t.session_id, 'result', t.result_urn, t.result_hash, t.key_version, \
+            (SELECT CASE WHEN s.closed_at_ms IS NOT NULL THEN 'session_closed' \
+                         WHEN s.result_on_fetch AND t.delivered_at_ms IS NOT NULL \
+                           THEN 'delivered' \
+                         ELSE 'ttl' END \
+             FROM sessions s WHERE s.id = t.session_id) \
+     FROM tasks t \
+     WHERE t.result_due_at_ms IS NOT NULL AND t.result_due_at_ms <= $1 \
+       AND t.result_deleted_at_ms IS NULL AND t.result_urn IS NOT NULL \
+     LIMIT $2";
+
+/// The statement of a migration that fills in the due times of existing tasks.
+#[cfg(test)]
+pub(super) fn backfill(migration: &str) -> String {
+    migration
+        .split(';')
+        .map(str::trim)
+        .map(|st| {
+            st.lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .find(|st| st.trim_start().starts_with("UPDATE tasks SET"))
+        .expect("the migration fills in due times")
+}
 
 /// Records the first delivery of a completed task's result.
-pub(super) const MARK_DELIVERED: &str = "UPDATE tasks SET delivered_at_ms = $2 \
-    WHERE id = $1 AND delivered_at_ms IS NULL AND result_urn IS NOT NULL";
+/// The due times are recomputed in the same statement, with `$2` as the delivery time.
+pub(super) const MARK_DELIVERED: &str = concat!(
+    "UPDATE tasks SET delivered_at_ms = $2, prompt_due_at_ms = ",
+    prompt_due!("$2"),
+    ", result_due_at_ms = ",
+    result_due!("$2"),
+    " WHERE id = $1 AND delivered_at_ms IS NULL AND result_urn IS NOT NULL"
+);
 
 macro_rules! mark_prompt_deleted {
     () => {

@@ -434,7 +434,15 @@ fn finish(
     .bind(now_ms)
     .fetch_one(c)
     .map_err(db_err)?;
+    refresh_due(c, sql::REFRESH_DUE_OF_TASK, id)?;
     row.into_task()
+}
+
+/// Recomputes when the blobs of a task ([`sql::REFRESH_DUE_OF_TASK`]) or of a session's tasks
+/// ([`sql::REFRESH_DUE_OF_SESSION`]) are due for deletion, in the caller's transaction.
+fn refresh_due(c: &Connection, statement: &'static str, id: Uuid) -> Result<()> {
+    query(statement).bind(id).execute(c).map_err(db_err)?;
+    Ok(())
 }
 
 /// Appends `e` to the audit hash chain inside the caller's transaction, so that it commits
@@ -661,6 +669,7 @@ impl Store for SqliteStore {
             .bind(now_ms)
             .fetch_all(&tx)
             .map_err(db_err)?;
+            refresh_due(&tx, sql::REFRESH_DUE_OF_SESSION, id)?;
             let n = cancelled.len() as u64;
             let events = cancelled
                 .into_iter()
@@ -1124,6 +1133,7 @@ impl Store for SqliteStore {
             .fetch_optional(&tx)
             .map_err(db_err)?;
             let row = found(row, "task")?;
+            refresh_due(&tx, sql::REFRESH_DUE_OF_TASK, task.id)?;
             Ok((CompleteOutcome::Accepted(row.into_task()?), true))
         })();
         let outcome = end(tx, r).await?;
@@ -1184,6 +1194,9 @@ impl Store for SqliteStore {
             .fetch_all(&tx)
             .map_err(db_err)?;
             let (report, events) = sql::reap_outcome(deadline_failed, expired);
+            for &id in report.deadline_failed.iter().chain(&report.dead) {
+                refresh_due(&tx, sql::REFRESH_DUE_OF_TASK, id)?;
+            }
             Ok((report, events))
         })();
         self.settle(tx, r).await
@@ -1220,6 +1233,7 @@ impl Store for SqliteStore {
                 .bind(sealing.as_str())
                 .execute(&tx)
                 .map_err(db_err)?;
+            refresh_due(&tx, sql::REFRESH_DUE_OF_SESSION, id)?;
             let row = session_row(&tx, id)?;
             let session = load_session(&tx, row)?;
             Ok((session, Vec::new()))
@@ -1482,7 +1496,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_retention_sweep_reads_tasks_only_through_ranges_of_its_indexes() {
+    async fn the_retention_sweep_reads_only_ranges_of_due_times() {
         let (_dir, _path, store) = file_store().await;
         let c = store.read().await.unwrap();
         let mut st = c
@@ -1494,24 +1508,65 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         let plan = plan.join("\n");
-        // Every read of `tasks` is a search on an index (by session, and for a TTL by time),
-        // never a scan of the table or of a whole index.
+        // Each half reads one range of its due-time index, and each blob's session by its key:
+        // never a scan of a table or of a whole index, nothing read per session.
         let reads: Vec<&str> = plan
             .lines()
-            .filter(|l| l.contains(" t ") || l.ends_with(" t"))
+            .filter(|l| l.contains("SCAN") || l.contains("SEARCH"))
             .collect();
-        assert_eq!(reads.len(), 6, "{plan}");
+        assert_eq!(reads.len(), 4, "{plan}");
         for l in &reads {
             assert!(
-                l.starts_with("SEARCH t USING INDEX tasks_prompt_kept (session_id=?")
-                    || l.starts_with("SEARCH t USING INDEX tasks_result_kept (session_id=?"),
+                l.starts_with("SEARCH t USING INDEX tasks_prompt_due (prompt_due_at_ms>? AND prompt_due_at_ms<?)")
+                    || l.starts_with("SEARCH t USING INDEX tasks_result_due (result_due_at_ms>? AND result_due_at_ms<?)")
+                    || l.starts_with("SEARCH s USING INDEX sqlite_autoindex_sessions_1 (id=?)"),
                 "{l}\n{plan}"
             );
         }
-        assert_eq!(
-            reads.iter().filter(|l| l.contains("_at_ms<?")).count(),
-            2,
-            "the two TTL reads are ranges: {plan}"
+        drop(st);
+        drop(c);
+
+        // Tasks that ended before migration 0006 get their due times from it: 20 sessions
+        // with TTLs (half deleting results on fetch), 50 finished tasks each, none delivered.
+        {
+            let w = store.writer.take().await.unwrap();
+            w.execute_batch(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20) \
+                 INSERT INTO sessions (id, owner, kind, private, allowlist_source, \
+                   created_at_ms, prompt_on_delivery, prompt_ttl_ms, result_ttl_ms, \
+                   result_on_fetch) \
+                 SELECT randomblob(16), 'o', 'pooled', 0, 'router', 0, 1, 86400000, 86400000, \
+                   i % 2 FROM n; \
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50) \
+                 INSERT INTO tasks (id, session_id, prompt_urn, prompt_hash, prompt_scope, \
+                   key_version, model, params, state, attempts, max_attempts, created_at_ms, \
+                   submitted_by, result_urn, result_hash, result_size, finished_at_ms) \
+                 SELECT randomblob(16), s.id, 'urn:p', zeroblob(32), 2, 1, 'm', '{}', \
+                   'completed', 1, 3, 1000000 + i, 'o', 'urn:r', zeroblob(32), 1, 1000000 + i \
+                 FROM sessions s, n;",
+            )
+            .unwrap();
+            w.execute_batch(&sql::backfill(include_str!(
+                "../../migrations/sqlite/0006_retention_due_times.sql"
+            )))
+            .unwrap();
+        }
+        assert!(
+            store
+                .due_deletions(2_000_000, 256)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A day after the tenth task of each session ended: ten prompts and ten results each.
+        let due = store
+            .due_deletions(1_000_010 + 86_400_000, 100_000)
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 20 * 20);
+        assert!(
+            due.iter()
+                .all(|d| matches!(d.reason, crate::store::DeletionReason::Ttl))
         );
     }
 
