@@ -14,10 +14,11 @@
 //! - its name is laid out as the router names blobs, `{session}/{task}/{purpose}-{uuid}.veil`
 //!   under the store's prefix (anything else is not the router's to judge, and is counted as
 //!   unrecognized);
-//! - its task does not exist, or has ended (completed, failed, dead, cancelled: no new blob of
-//!   it can become its prompt or result), belongs to the session of the name, has no key
-//!   rewrap in its journal, and names neither this blob as its stored prompt nor as its stored
-//!   result.
+//! - its task does not exist while its session does (a name under a session this database
+//!   does not know is another deployment's: left alone, counted as foreign), or its task has
+//!   ended (completed, failed, dead, cancelled: no new blob of it can become its prompt or
+//!   result), belongs to the session of the name, has no key rewrap in its journal, and names
+//!   this blob neither as its stored prompt nor as its stored result.
 //!
 //! Each deletion is audited as `blob.delete` with reason `orphan` (ids, URN, size; never
 //! content) and counted in `veil_retention_deletions_total{reason="orphan"}`. Deleting is
@@ -50,6 +51,9 @@ pub struct OrphanReport {
     pub unrecognized: u64,
     /// Blobs of tasks still queued or leased, or named by their task, or under a key rewrap.
     pub kept: u64,
+    /// Blobs named for a session this database does not know (another deployment's), left
+    /// alone.
+    pub foreign: u64,
     /// Orphans deleted (and audited).
     pub deleted: u64,
     /// Orphans whose deletion or audit entry failed (tried again on the next pass).
@@ -105,6 +109,7 @@ async fn judge(
     report: &mut OrphanReport,
 ) -> anyhow::Result<()> {
     let mut tasks: HashMap<Uuid, Option<Task>> = HashMap::new();
+    let mut sessions: HashMap<Uuid, bool> = HashMap::new();
     for (meta, name, task_id) in batch {
         if let Entry::Vacant(slot) = tasks.entry(task_id) {
             slot.insert(match state.store.get_task(task_id).await {
@@ -115,7 +120,23 @@ async fn judge(
         }
         let task = tasks.get(&task_id).and_then(Option::as_ref);
         let orphan = match task {
-            None => true,
+            // No such task: an orphan only under a session of this deployment. A blob under a
+            // session this database does not know is another deployment's (a bucket shared
+            // without separate prefixes), never this sweep's to delete.
+            None => {
+                if let Entry::Vacant(slot) = sessions.entry(name.session_id) {
+                    slot.insert(match state.store.get_session(name.session_id).await {
+                        Ok(_) => true,
+                        Err(StoreError::NotFound { .. }) => false,
+                        Err(e) => return Err(e.into()),
+                    });
+                }
+                if !sessions[&name.session_id] {
+                    report.foreign += 1;
+                    continue;
+                }
+                true
+            }
             Some(t) => {
                 t.session_id == name.session_id
                     && !rewrapping.contains(&t.id)
@@ -207,6 +228,7 @@ pub async fn sweeper(state: AppState) {
                 young = r.young,
                 unrecognized = r.unrecognized,
                 kept = r.kept,
+                foreign = r.foreign,
                 deleted = r.deleted,
                 failed = r.failed,
                 "orphan sweep done"

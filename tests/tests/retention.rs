@@ -437,8 +437,9 @@ async fn the_orphan_sweep_deletes_old_blobs_that_no_task_names_and_nothing_else(
     let unsubmitted = stray_blob(&router, sid, never, Purpose::Prompt).await;
 
     // Kept: a blob under a task still queued (a result on its way), one under a completed task
-    // whose key rewrap is under way, one whose name gives another session than its task's, and
-    // an object that is not named as the router names blobs.
+    // whose key rewrap is under way, one whose name gives another session than its task's, one
+    // under a session this router does not know, and an object that is not named as the
+    // router names blobs.
     let queued = Uuid::now_v7();
     let prompt = stray_blob(&router, sid, queued, Purpose::Prompt).await;
     router
@@ -477,6 +478,8 @@ async fn the_orphan_sweep_deletes_old_blobs_that_no_task_names_and_nothing_else(
         .unwrap();
     let mid_rewrap = stray_blob(&router, sid, rewrapped, Purpose::Result).await;
     let mismatched = stray_blob(&router, Uuid::now_v7(), done, Purpose::Result).await;
+    // Named for a session this router does not know: another deployment's, in a shared bucket.
+    let foreign = stray_blob(&router, Uuid::now_v7(), Uuid::now_v7(), Purpose::Prompt).await;
     let odd = router.state.blobs.id().urn("notes/readme.txt").unwrap();
     router
         .state
@@ -499,6 +502,7 @@ async fn the_orphan_sweep_deletes_old_blobs_that_no_task_names_and_nothing_else(
         &on_the_way,
         &mid_rewrap,
         &mismatched,
+        &foreign,
         &odd,
     ];
     for urn in everything {
@@ -521,6 +525,7 @@ async fn the_orphan_sweep_deletes_old_blobs_that_no_task_names_and_nothing_else(
     assert_eq!(report.deleted, 2, "{report:?}");
     assert_eq!(report.failed, 0, "{report:?}");
     assert_eq!(report.unrecognized, 1, "{report:?}");
+    assert_eq!(report.foreign, 1, "{report:?}");
     assert!(!blob_exists(&router, &loser).await);
     assert!(!blob_exists(&router, &unsubmitted).await);
     for urn in everything
