@@ -347,6 +347,9 @@ async fn policies_privacy_status_and_deployment() {
     assert_eq!(d["storage"]["type"], "fs");
     assert_eq!(d["retention"]["default"]["prompt_ttl_secs"], 600);
     assert_eq!(d["retention"]["default"]["result_ttl_secs"], Value::Null);
+    assert_eq!(d["retention"]["unnamed_blobs"]["swept"], true);
+    assert_eq!(d["retention"]["unnamed_blobs"]["sweep_interval_secs"], 3600);
+    assert_eq!(d["retention"]["unnamed_blobs"]["grace_secs"], 86_400);
     assert_eq!(d["keys"]["active_version"], 1);
     assert_eq!(d["keys"]["versions"][0]["state"], "active");
     assert!(d["keys"]["active_since"].as_u64().unwrap() > 1_700_000_000);

@@ -107,6 +107,15 @@ fn retention_facts(state: &AppState) -> Value {
         "per_session": "owners may set their own policy (PUT /api/v2/sessions/{id}/policy)",
         "sweep_interval_ms": state.cfg.retention_sweep_interval_ms,
         "deletions_audited": true,
+        "unnamed_blobs": match state.cfg.orphan_sweep_interval_secs {
+            0 => json!({"swept": false}),
+            every => json!({
+                "swept": true,
+                "sweep_interval_secs": every,
+                "grace_secs": state.cfg.orphan_grace_secs,
+                "what": "blobs no task names (uploads never submitted, results that lost to another) are deleted once older than the grace period",
+            }),
+        },
     })
 }
 
