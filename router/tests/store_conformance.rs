@@ -1411,8 +1411,33 @@ async fn audit_tampering_is_detected(s: Arc<dyn Store>, b: &Backend) {
 
 async fn audit_appends_stay_linear_under_concurrency(s: Arc<dyn Store>, b: &Backend) {
     let replica = b.replica().await;
+    // Ten finished tasks whose prompt deletions append their entries inside the deletion's own
+    // transaction, on the other store, while the appends below run.
+    let sess = session(&s, public()).await;
+    let mut done = vec![];
+    for n in 0..10u8 {
+        done.push(completed(&s, sess.id, n, T0).await);
+    }
     let started = Instant::now();
     let mut tasks = vec![];
+    let deleter = replica.clone();
+    tasks.push(tokio::spawn(async move {
+        for t in done {
+            let e = NewAuditEntry {
+                at_ms: T0 + 10_000 + i64::from(t.attempts),
+                actor: "router".into(),
+                action: "blob.delete".into(),
+                task_id: Some(t.id),
+                ..Default::default()
+            };
+            assert!(
+                deleter
+                    .record_deletion(t.id, BlobKind::Prompt, &t.prompt_urn, T0 + 1, &e)
+                    .await
+                    .unwrap()
+            );
+        }
+    }));
     for w in 0..6i64 {
         let store = if w % 2 == 0 {
             s.clone()
@@ -1439,7 +1464,7 @@ async fn audit_appends_stay_linear_under_concurrency(s: Arc<dyn Store>, b: &Back
         },
         started.elapsed()
     );
-    assert_eq!(verify_audit_chain(s.as_ref()).await.unwrap(), 120);
+    assert_eq!(verify_audit_chain(s.as_ref()).await.unwrap(), 130);
     let seqs: Vec<i64> = s
         .audit_entries(0, 1000)
         .await
@@ -1447,12 +1472,17 @@ async fn audit_appends_stay_linear_under_concurrency(s: Arc<dyn Store>, b: &Back
         .iter()
         .map(|e| e.seq)
         .collect();
-    assert_eq!(seqs, (1..=120).collect::<Vec<_>>());
-    let mut written: Vec<i64> = s
-        .audit_entries(0, 1000)
-        .await
-        .unwrap()
+    assert_eq!(seqs, (1..=130).collect::<Vec<_>>());
+    let all = s.audit_entries(0, 1000).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .filter(|e| e.entry.action == "blob.delete")
+            .count(),
+        10
+    );
+    let mut written: Vec<i64> = all
         .iter()
+        .filter(|e| e.entry.action != "blob.delete")
         .map(|e| e.entry.at_ms)
         .collect();
     written.sort_unstable();
