@@ -109,7 +109,7 @@ async fn delete_one(state: &AppState, d: &DueDeletion, now_ms: i64) -> anyhow::R
     Ok(recorded)
 }
 
-/// Runs [`sweep`] every `retention_sweep_interval_ms`, and shortly ([`WAKE_GATHER`]) after
+/// Runs [`sweep`] every `retention_sweep_interval_ms`, and shortly (`WAKE_GATHER`) after
 /// being woken ([`crate::state::Inner::retention_wake`]).
 pub async fn sweeper(state: AppState) {
     let period = Duration::from_millis(state.cfg.retention_sweep_interval_ms);

@@ -1532,24 +1532,7 @@ mod tests {
                 );
             }
         }
-        assert!(
-            store
-                .due_deletions(2_000_000, 256)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        // A day after the tenth task of each session was created and finished: ten prompts and
-        // ten results per session are past their TTL (nothing was delivered).
-        let due = store
-            .due_deletions(1_000_010 + 86_400_000, 100_000)
-            .await
-            .unwrap();
-        assert_eq!(due.len(), 2000 * 20);
-        assert!(
-            due.iter()
-                .all(|d| matches!(d.reason, crate::store::DeletionReason::Ttl))
-        );
+        sql::assert_backfilled_due_times(&store, 2000).await;
         drop(c);
         drop(store);
         db.drop_database().await;

@@ -166,6 +166,27 @@ pub(super) fn backfill(migration: &str) -> String {
         .expect("the migration fills in due times")
 }
 
+/// Checks the due times the plan tests' data got from migration `0006`'s backfill: `sessions`
+/// sessions with day-long prompt and result TTLs, each with 50 tasks created and finished at
+/// 1,000,001 ms onwards, none delivered.
+#[cfg(test)]
+pub(super) async fn assert_backfilled_due_times(store: &dyn super::Store, sessions: usize) {
+    assert!(
+        store
+            .due_deletions(2_000_000, 256)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A day after the tenth task of each session ended: ten prompts and ten results each.
+    let due = store
+        .due_deletions(1_000_010 + 86_400_000, 100_000)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), sessions * 20);
+    assert!(due.iter().all(|d| d.reason == DeletionReason::Ttl));
+}
+
 /// Records the first delivery of a completed task's result.
 /// The due times are recomputed in the same statement, with `$2` as the delivery time.
 pub(super) const MARK_DELIVERED: &str = concat!(

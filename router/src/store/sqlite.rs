@@ -1551,23 +1551,7 @@ mod tests {
             )))
             .unwrap();
         }
-        assert!(
-            store
-                .due_deletions(2_000_000, 256)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        // A day after the tenth task of each session ended: ten prompts and ten results each.
-        let due = store
-            .due_deletions(1_000_010 + 86_400_000, 100_000)
-            .await
-            .unwrap();
-        assert_eq!(due.len(), 20 * 20);
-        assert!(
-            due.iter()
-                .all(|d| matches!(d.reason, crate::store::DeletionReason::Ttl))
-        );
+        sql::assert_backfilled_due_times(&store, 20).await;
     }
 
     #[tokio::test]
