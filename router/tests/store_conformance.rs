@@ -158,6 +158,7 @@ suite!(
     nonces,
     read_tokens,
     enqueue_and_get,
+    get_tasks_reads_many_at_once,
     enqueue_refuses_closed_and_expired_sessions,
     lease_is_fair_across_sessions,
     lease_is_fifo_within_a_session,
@@ -727,6 +728,36 @@ async fn enqueue_and_get(s: Arc<dyn Store>, _b: &Backend) {
     enqueue(&s, sess.id).await;
     let depth = s.queue_depth().await.unwrap();
     assert_eq!((depth.queued, depth.leased), (2, 0));
+}
+
+async fn get_tasks_reads_many_at_once(s: Arc<dyn Store>, _b: &Backend) {
+    let sess = session(&s, public()).await;
+    let done = completed(&s, sess.id, 1, T0).await;
+    let mut ids = vec![done.id];
+    for _ in 0..299 {
+        ids.push(enqueue(&s, sess.id).await.id);
+    }
+    let unknown = Uuid::now_v7();
+    // Unknown ids are left out, duplicates give their task once, order does not matter.
+    let mut asked = ids.clone();
+    asked.push(unknown);
+    asked.push(ids[7]);
+    asked.reverse();
+    let mut got = s.get_tasks(&asked).await.unwrap();
+    got.sort_by_key(|t| t.id);
+    let mut want = vec![];
+    for id in &ids {
+        want.push(s.get_task(*id).await.unwrap());
+    }
+    want.sort_by_key(|t| t.id);
+    assert_eq!(got.len(), 300);
+    assert_eq!(
+        got, want,
+        "each task as get_task reads it, the completed one with its result"
+    );
+    assert!(got.iter().any(|t| t.result.is_some()));
+    assert!(s.get_tasks(&[]).await.unwrap().is_empty());
+    assert!(s.get_tasks(&[unknown]).await.unwrap().is_empty());
 }
 
 async fn enqueue_refuses_closed_and_expired_sessions(s: Arc<dyn Store>, _b: &Backend) {

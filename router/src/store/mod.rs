@@ -159,6 +159,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn enqueue(&self, t: &NewTask) -> Result<Task>;
     /// One task.
     async fn get_task(&self, id: Uuid) -> Result<Task>;
+    /// The tasks of `ids` that exist, in no particular order, read together (one statement on
+    /// PostgreSQL). Unknown ids are left out; a duplicate id gives its task once.
+    async fn get_tasks(&self, ids: &[Uuid]) -> Result<Vec<Task>>;
     /// Leases the next task for `miner`, atomically: only `queued` tasks whose model is in
     /// `models`, whose deadline has not passed, and whose session is open and either public or
     /// lists `miner` among its allowed miners, skipping contract-backed sessions when

@@ -277,30 +277,49 @@ async fn session_row(tx: &mut Tx, id: Uuid, exclusive: bool) -> Result<SessionRo
     found(row, "session")
 }
 
-async fn load_session<'e, E>(ex: E, row: SessionRow) -> Result<Session>
+/// A session row with its allowed miners in order, as a JSON array, read in one statement
+/// (`… FROM sessions WHERE …`).
+macro_rules! session_with_miners {
+    () => {
+        concat!(
+            "SELECT ",
+            session_columns!(),
+            ", COALESCE((SELECT json_agg(m.miner ORDER BY m.position) FROM session_miners m \
+             WHERE m.session_id = sessions.id), '[]')::text AS miners FROM sessions"
+        )
+    };
+}
+
+/// One session with its allowed miners, in one statement.
+async fn load_session<'e, E>(ex: E, id: Uuid) -> Result<Session>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
-    let miners: Vec<String> = sqlx::query_scalar(
-        "SELECT miner FROM session_miners WHERE session_id = $1 ORDER BY position",
-    )
-    .bind(row.id())
-    .fetch_all(ex)
+    let row = sqlx::query_as::<_, sql::SessionMinersRow>(concat!(
+        session_with_miners!(),
+        " WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(ex)
     .await
     .map_err(db_err)?;
-    row.into_session(miners)
+    found(row, "session")?.into_session()
 }
 
+/// Stores the allowed miners in order, in one statement whatever their number.
 async fn insert_miners(tx: &mut Tx, id: Uuid, p: &PrivacySetting) -> Result<()> {
-    for (i, miner) in p.allowed_miners.iter().enumerate() {
-        sqlx::query("INSERT INTO session_miners (session_id, position, miner) VALUES ($1, $2, $3)")
-            .bind(id)
-            .bind(i as i64)
-            .bind(miner)
-            .execute(&mut **tx)
-            .await
-            .map_err(db_err)?;
+    if p.allowed_miners.is_empty() {
+        return Ok(());
     }
+    sqlx::query(
+        "INSERT INTO session_miners (session_id, position, miner) \
+         SELECT $1, u.position - 1, u.miner FROM unnest($2::text[]) WITH ORDINALITY AS u(miner, position)",
+    )
+    .bind(id)
+    .bind(&p.allowed_miners)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?;
     Ok(())
 }
 
@@ -480,8 +499,7 @@ impl Store for PgStore {
             .await
             .map_err(insert_err("session"))?;
             insert_miners(&mut tx, s.id, &s.privacy).await?;
-            let row = session_row(&mut tx, s.id, true).await?;
-            let session = load_session(&mut *tx, row).await?;
+            let session = load_session(&mut *tx, s.id).await?;
             Ok((session, Vec::new()))
         }
         .await;
@@ -489,16 +507,7 @@ impl Store for PgStore {
     }
 
     async fn get_session(&self, id: Uuid) -> Result<Session> {
-        let row = sqlx::query_as::<_, SessionRow>(concat!(
-            "SELECT ",
-            session_columns!(),
-            " FROM sessions WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        load_session(&self.pool, found(row, "session")?).await
+        load_session(&self.pool, id).await
     }
 
     async fn list_sessions(
@@ -507,10 +516,9 @@ impl Store for PgStore {
         limit: u32,
         before: Option<Uuid>,
     ) -> Result<Vec<Session>> {
-        let rows = sqlx::query_as::<_, SessionRow>(concat!(
-            "SELECT ",
-            session_columns!(),
-            " FROM sessions WHERE owner = $1 AND ($2 IS NULL OR (created_at_ms, id) < \
+        sqlx::query_as::<_, sql::SessionMinersRow>(concat!(
+            session_with_miners!(),
+            " WHERE owner = $1 AND ($2 IS NULL OR (created_at_ms, id) < \
              (SELECT created_at_ms, id FROM sessions WHERE id = $2)) \
              ORDER BY created_at_ms DESC, id DESC LIMIT $3"
         ))
@@ -519,12 +527,10 @@ impl Store for PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(db_err)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            out.push(load_session(&self.pool, row).await?);
-        }
-        Ok(out)
+        .map_err(db_err)?
+        .into_iter()
+        .map(sql::SessionMinersRow::into_session)
+        .collect()
     }
 
     async fn set_privacy(&self, id: Uuid, p: &PrivacySetting) -> Result<Session> {
@@ -546,8 +552,7 @@ impl Store for PgStore {
                 .await
                 .map_err(db_err)?;
             insert_miners(&mut tx, id, p).await?;
-            let row = session_row(&mut tx, id, true).await?;
-            let session = load_session(&mut *tx, row).await?;
+            let session = load_session(&mut *tx, id).await?;
             Ok((session, Vec::new()))
         }
         .await;
@@ -844,6 +849,24 @@ impl Store for PgStore {
         .await
         .map_err(db_err)?;
         found(row, "task")?.into_task()
+    }
+
+    async fn get_tasks(&self, ids: &[Uuid]) -> Result<Vec<Task>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_as::<_, TaskRow>(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?
+        .into_iter()
+        .map(TaskRow::into_task)
+        .collect()
     }
 
     async fn lease(&self, req: &LeaseQuery) -> Result<Option<LeasedTask>> {
@@ -1169,8 +1192,7 @@ impl Store for PgStore {
                 .await
                 .map_err(db_err)?;
             refresh_due(&mut tx, sql::REFRESH_DUE_OF_SESSION, id).await?;
-            let row = session_row(&mut tx, id, true).await?;
-            let session = load_session(&mut *tx, row).await?;
+            let session = load_session(&mut *tx, id).await?;
             Ok((session, Vec::new()))
         }
         .await;

@@ -931,6 +931,30 @@ impl Store for SqliteStore {
         found(row, "task")?.into_task()
     }
 
+    async fn get_tasks(&self, ids: &[Uuid]) -> Result<Vec<Task>> {
+        // Statements run in place here (no round trip each): one per id, on one connection.
+        let conn = self.read().await?;
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if !seen.insert(id) {
+                continue;
+            }
+            let row = query_as::<TaskRow>(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&conn)
+            .map_err(db_err)?;
+            if let Some(row) = row {
+                out.push(row.into_task()?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn lease(&self, req: &LeaseQuery) -> Result<Option<LeasedTask>> {
         if req.models.is_empty() {
             return Ok(None);
