@@ -108,6 +108,11 @@ pub enum Backend {
         /// Flush files and directories to disk before a put returns (default true).
         #[serde(default = "default_true")]
         fsync: bool,
+        /// With `fsync`, let concurrent puts share one flush of the filesystem (`syncfs`)
+        /// instead of flushing each file and directory (default true; used on Linux 5.8 or
+        /// later only, where `syncfs` reports write-back errors).
+        #[serde(default = "default_true")]
+        group_fsync: bool,
     },
     /// Amazon S3 or an S3-compatible service.
     S3(S3Config),
@@ -420,6 +425,7 @@ impl StoreConfig {
             root: root.into(),
             bucket: default_fs_bucket(),
             fsync: true,
+            group_fsync: true,
         })
     }
 
@@ -591,6 +597,7 @@ impl StoreConfig {
                     root,
                     bucket: query.take("bucket").unwrap_or_else(default_fs_bucket),
                     fsync: query.take_bool("fsync")?.unwrap_or(true),
+                    group_fsync: query.take_bool("group_fsync")?.unwrap_or(true),
                 }
             }
             "s3" | "s3a" => {
@@ -673,6 +680,34 @@ impl StoreConfig {
         Ok(config)
     }
 
+    /// Whether puts into this (filesystem) store are made durable by grouped flushes of the
+    /// filesystem rather than by the object store flushing each file and directory.
+    pub(crate) fn flushes_grouped(&self) -> bool {
+        matches!(
+            self.backend,
+            Backend::Fs {
+                fsync: true,
+                group_fsync: true,
+                ..
+            }
+        ) && crate::durable::supported()
+    }
+
+    /// The grouped flusher of a filesystem store whose flushes are grouped.
+    pub(crate) fn group_sync(&self) -> Result<Option<crate::durable::GroupSync>> {
+        #[cfg(target_os = "linux")]
+        if let Backend::Fs { root, .. } = &self.backend
+            && self.flushes_grouped()
+        {
+            return crate::durable::GroupSync::syncfs(root)
+                .map(Some)
+                .map_err(|e| {
+                    Error::config("fs.root", format!("cannot open {}: {e}", root.display()))
+                });
+        }
+        Ok(None)
+    }
+
     /// Builds the object store, and for S3, GCS and Azure the URL signer (the same client).
     /// Creates the directory of a filesystem store; touches no network.
     pub(crate) fn build_object_store(&self) -> Result<Clients> {
@@ -689,8 +724,11 @@ impl StoreConfig {
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(root).map_err(build_err)?;
                 // Blob names make a directory per session and task; the last deletion in one
-                // removes it, so retention leaves no empty directories behind.
-                let fs = fs.with_fsync(*fsync).with_automatic_cleanup(true);
+                // removes it, so retention leaves no empty directories behind. Where flushes
+                // are grouped (`flushes_grouped`), the blob store flushes after each put.
+                let fs = fs
+                    .with_fsync(*fsync && !self.flushes_grouped())
+                    .with_automatic_cleanup(true);
                 (Arc::new(fs), None)
             }
             Backend::S3(c) => {
@@ -975,7 +1013,8 @@ mod tests {
             Backend::Fs {
                 root: "/var/lib/veil/blobs".into(),
                 bucket: "prod-blobs".into(),
-                fsync: false
+                fsync: false,
+                group_fsync: true
             }
         );
         assert_eq!(
@@ -989,7 +1028,8 @@ mod tests {
                 Backend::Fs {
                     root: path.into(),
                     bucket: "blobs".into(),
-                    fsync: true
+                    fsync: true,
+                    group_fsync: true
                 }
             );
             assert_eq!(c.store_id().to_string(), "fs:local:blobs");
@@ -997,6 +1037,29 @@ mod tests {
         assert_eq!(field_of("file://host/x"), "url");
         assert_eq!(field_of("file:///x?bucket=Bad"), "bucket");
         assert_eq!(field_of("file:///x?fsync=maybe"), "fsync");
+        assert_eq!(field_of("file:///x?group_fsync=2"), "group_fsync");
+        let c = StoreConfig::from_url("file:///x?group_fsync=false").unwrap();
+        assert!(matches!(
+            c.backend,
+            Backend::Fs {
+                fsync: true,
+                group_fsync: false,
+                ..
+            }
+        ));
+        assert!(!c.flushes_grouped(), "per-put flushes when asked for");
+        assert!(
+            !StoreConfig::from_url("file:///x?fsync=false")
+                .unwrap()
+                .flushes_grouped()
+        );
+        assert_eq!(
+            StoreConfig::from_url("file:///x")
+                .unwrap()
+                .flushes_grouped(),
+            crate::durable::supported(),
+            "grouped by default where the platform makes them durable"
+        );
     }
 
     #[test]
@@ -1168,7 +1231,8 @@ mod tests {
             Backend::Fs {
                 root: "/x".into(),
                 bucket: "blobs".into(),
-                fsync: true
+                fsync: true,
+                group_fsync: true
             }
         );
     }

@@ -128,7 +128,8 @@ pub enum Error {
     /// The object store failed.
     #[error("blob store {op} failed: {source}")]
     Backend {
-        /// The operation (`put`, `get`, `head`, `delete`, `list`, `multipart`, `build`, `presign`).
+        /// The operation (`put`, `get`, `head`, `delete`, `list`, `multipart`, `flush`, `build`,
+        /// `presign`).
         op: &'static str,
         /// The object store's error.
         #[source]

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod config;
+mod durable;
 mod error;
 mod read;
 mod store;

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use veil_keys::{FRAME_LEN_LEN, HEADER_LEN, Header, KeyId, Purpose, SecretKey, TAG_LEN};
 
 use crate::config::StoreConfig;
+use crate::durable::GroupSync;
 use crate::error::{Error, Result};
 use crate::read::{BlobStream, OpenedStream};
 use crate::urn::{StorageType, Urn, check_bucket, check_provider};
@@ -188,6 +189,9 @@ struct Inner {
     part_size: usize,
     upload_concurrency: usize,
     max_get_size: u64,
+    /// Flushes shared by concurrent puts, for a local directory whose puts are not flushed
+    /// one by one (see `durable`).
+    sync: Option<GroupSync>,
 }
 
 impl fmt::Debug for BlobStore {
@@ -200,6 +204,7 @@ impl fmt::Debug for BlobStore {
             .field("part_size", &self.inner.part_size)
             .field("upload_concurrency", &self.inner.upload_concurrency)
             .field("max_get_size", &self.inner.max_get_size)
+            .field("grouped_flushes", &self.inner.sync.is_some())
             .finish()
     }
 }
@@ -209,7 +214,13 @@ impl BlobStore {
     /// touches the network (the first request does).
     pub fn from_config(config: &StoreConfig) -> Result<Self> {
         let (store, signer) = config.build_object_store()?;
-        Self::build(config, store, signer)
+        let mut this = Self::build(config, store, signer)?;
+        if let Some(sync) = config.group_sync()? {
+            Arc::get_mut(&mut this.inner)
+                .expect("a store just built is not shared")
+                .sync = Some(sync);
+        }
+        Ok(this)
     }
 
     /// Opens the store a URL describes ([`StoreConfig::from_url`]).
@@ -248,6 +259,7 @@ impl BlobStore {
                 part_size: config.part_size,
                 upload_concurrency: config.upload_concurrency,
                 max_get_size: config.max_get_size,
+                sync: None,
             }),
         })
     }
@@ -594,12 +606,33 @@ impl BlobStore {
             ..PutOptions::default()
         };
         match self.inner.store.put_opts(path, payload, opts).await {
-            Ok(_) => Ok(()),
+            Ok(_) => self.flushed(urn).await,
             Err(object_store::Error::Precondition { .. }) => {
                 Err(Error::AlreadyExists { urn: urn.clone() })
             }
             Err(e) => Err(Error::backend("put", urn, e)),
         }
+    }
+
+    /// Returns once the blob just written at `urn` is durable, where the store flushes puts in
+    /// groups (elsewhere the object store's put was durable when it returned).
+    pub(crate) async fn flushed(&self, urn: &Urn) -> Result<()> {
+        let Some(sync) = &self.inner.sync else {
+            return Ok(());
+        };
+        sync.sync().await.map_err(|source| Error::Backend {
+            op: "flush",
+            source: object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: format!("flushing {urn} to disk: {source}").into(),
+            },
+        })
+    }
+
+    /// Flushes of the filesystem run so far for puts, where they are grouped (`None`
+    /// where each put is flushed on its own, or not at all).
+    pub fn grouped_flushes(&self) -> Option<u64> {
+        self.inner.sync.as_ref().map(GroupSync::flushes)
     }
 }
 

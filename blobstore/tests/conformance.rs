@@ -840,3 +840,56 @@ all_backends!(
     whole_reads_are_bounded,
     concurrent_puts,
 );
+
+/// A put into a local directory returns only after a flush of the filesystem that started
+/// after its file was in place; concurrent puts share flushes (the grouping itself is tested
+/// deterministically in the crate). Linux 5.8 or later, where flushes are grouped by default.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_puts_wait_for_a_shared_flush() {
+    let f = fixture_fs();
+    let flushes = || {
+        f.store
+            .grouped_flushes()
+            .expect("flushes are grouped by default")
+    };
+    let before = flushes();
+    let (_, blob) = sealed(2_000, 1);
+    f.store.put(blob).await.unwrap();
+    assert_eq!(flushes(), before + 1, "a lone put waits for its own flush");
+    let (_, _, big) = stream_put(&f.store, PART + 1000).await;
+    assert_eq!(
+        flushes(),
+        before + 2,
+        "so does a multipart upload, once, at its end"
+    );
+    assert_eq!(f.store.head(&big.urn).await.unwrap().size, big.size);
+
+    let start = flushes();
+    let mut tasks = Vec::new();
+    for i in 0..32u8 {
+        let store = f.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let (_, blob) = sealed(1_000, i);
+            let r = store.put(blob.clone()).await.unwrap();
+            assert_eq!(store.get(&r.urn, &r.sha256).await.unwrap(), blob);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let shared = flushes() - start;
+    assert!((1..=32).contains(&shared), "{shared} flushes for 32 puts");
+    println!("32 concurrent puts shared {shared} flushes");
+
+    // Each put flushed by the object store itself, or not at all, when asked.
+    for query in ["group_fsync=false", "fsync=false"] {
+        let root = f.root.as_ref().unwrap().join(query.replace('=', "-"));
+        let url = format!("file://{}?{query}", root.display());
+        let store = BlobStore::from_url(&url).unwrap();
+        assert_eq!(store.grouped_flushes(), None, "{query}");
+        let (_, blob) = sealed(500, 2);
+        let r = store.put(blob.clone()).await.unwrap();
+        assert_eq!(store.get(&r.urn, &r.sha256).await.unwrap(), blob);
+    }
+}

@@ -35,13 +35,18 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
 }
 
 /// Prometheus metrics: requests by route and status, latencies, queue depth, leases expired,
-/// keys released, ACL denials, and the on-chain ACL's staleness and blocks.
+/// keys released, ACL denials, the on-chain ACL's staleness and blocks, and the flushes of a
+/// local blob directory.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     crate::acl::export_metrics(&state);
     if let Ok(depth) = state.store.queue_depth().await {
         metrics::gauge!("veil_queue_depth", "state" => "queued").set(depth.queued as f64);
         metrics::gauge!("veil_queue_depth", "state" => "leased").set(depth.leased as f64);
+    }
+    // Local blobs flushed to disk in groups: how many flushes their puts have shared.
+    if let Some(n) = state.blobs.grouped_flushes() {
+        metrics::counter!("veil_blob_flushes_total").absolute(n);
     }
     (
         StatusCode::OK,
