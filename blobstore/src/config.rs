@@ -693,21 +693,6 @@ impl StoreConfig {
         ) && crate::durable::supported()
     }
 
-    /// The grouped flusher of a filesystem store whose flushes are grouped.
-    pub(crate) fn group_sync(&self) -> Result<Option<crate::durable::GroupSync>> {
-        #[cfg(target_os = "linux")]
-        if let Backend::Fs { root, .. } = &self.backend
-            && self.flushes_grouped()
-        {
-            return crate::durable::GroupSync::syncfs(root)
-                .map(Some)
-                .map_err(|e| {
-                    Error::config("fs.root", format!("cannot open {}: {e}", root.display()))
-                });
-        }
-        Ok(None)
-    }
-
     /// Builds the object store, and for S3, GCS and Azure the URL signer (the same client).
     /// Creates the directory of a filesystem store; touches no network.
     pub(crate) fn build_object_store(&self) -> Result<Clients> {
@@ -717,19 +702,24 @@ impl StoreConfig {
             source,
         };
         Ok(match &self.backend {
-            Backend::Mem { .. } => (Arc::new(InMemory::new()), None),
+            Backend::Mem { .. } => (Arc::new(InMemory::new()), None, None),
             Backend::Fs { root, fsync, .. } => {
                 std::fs::create_dir_all(root).map_err(|e| {
                     Error::config("fs.root", format!("cannot create {}: {e}", root.display()))
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(root).map_err(build_err)?;
                 // Blob names make a directory per session and task; the last deletion in one
-                // removes it, so retention leaves no empty directories behind. Where flushes
-                // are grouped (`flushes_grouped`), the blob store flushes after each put.
-                let fs = fs
-                    .with_fsync(*fsync && !self.flushes_grouped())
-                    .with_automatic_cleanup(true);
-                (Arc::new(fs), None)
+                // removes it, so retention leaves no empty directories behind.
+                let fs = fs.with_automatic_cleanup(true);
+                if self.flushes_grouped() {
+                    // Writes return once a grouped flush has made them durable.
+                    let (store, flushes) = crate::durable::flushed(fs, root).map_err(|e| {
+                        Error::config("fs.root", format!("cannot open {}: {e}", root.display()))
+                    })?;
+                    (store, None, Some(flushes))
+                } else {
+                    (Arc::new(fs.with_fsync(*fsync)), None, None)
+                }
             }
             Backend::S3(c) => {
                 let mut b = AmazonS3Builder::from_env();
@@ -788,13 +778,18 @@ impl StoreConfig {
     }
 }
 
-/// A store's object store and, where it can sign URLs, the same client as a signer.
-pub(crate) type Clients = (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>);
+/// A store's object store; where it can sign URLs, the same client as a signer; where its
+/// writes are flushed in groups, the flusher (for its count).
+pub(crate) type Clients = (
+    Arc<dyn ObjectStore>,
+    Option<Arc<dyn Signer>>,
+    Option<Arc<crate::durable::GroupSync>>,
+);
 
 /// One cloud client, used both as the object store and as the URL signer.
 fn with_signer<T: ObjectStore + Signer>(client: T) -> Clients {
     let client = Arc::new(client);
-    (client.clone(), Some(client))
+    (client.clone(), Some(client), None)
 }
 
 impl FromStr for StoreConfig {

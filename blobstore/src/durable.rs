@@ -3,17 +3,27 @@
 //! A put into a local directory is durable once the file's bytes, its inode and the directory
 //! entries leading to it are on stable storage. Flushing them one put at a time costs a file
 //! `fsync` and one or two directory `fsync`s per blob, each a cache flush of the device, and
-//! under load those flushes are most of what a put costs. Here, puts write and rename their
-//! files without flushing and then wait for one `syncfs(2)` of the whole filesystem that
-//! started after their rename: whoever finds no flush running starts one for everybody who is
-//! waiting at that moment, and the puts that arrive meanwhile share the next one. A put still
-//! returns only once its blob is durable, or with the flush's error.
+//! under load those flushes are most of what a put costs. Here ([`Flushed`]), writes put and
+//! rename their files without flushing and then wait for one `syncfs(2)` of the whole
+//! filesystem that started after their rename: whoever finds no flush running starts one for
+//! everybody who is waiting at that moment, and the writes that arrive meanwhile share the
+//! next one. A write still returns only once it is durable, or with the flush's error.
 //!
 //! `syncfs` reports write-back errors only since Linux 5.8, so the grouping is used only on
-//! Linux 5.8 or later; elsewhere the store flushes each put itself (see [`supported`]).
+//! Linux 5.8 or later; elsewhere the object store flushes each write itself (see
+//! [`supported`]).
 
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, UploadPart,
+};
 
 /// One flush of everything written so far (`syncfs` on the store's directory, or a stand-in in
 /// tests).
@@ -105,6 +115,166 @@ impl GroupSync {
 
     fn lock_open(&self) -> std::sync::MutexGuard<'_, Arc<Batch>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// `fs` (which must not flush on its own) whose writes return once a grouped flush of the
+/// filesystem holding `root` has made them durable, and the flusher.
+#[cfg(target_os = "linux")]
+pub(crate) fn flushed(
+    fs: LocalFileSystem,
+    root: &std::path::Path,
+) -> io::Result<(Arc<dyn ObjectStore>, Arc<GroupSync>)> {
+    let sync = Arc::new(GroupSync::syncfs(root)?);
+    let store = Flushed {
+        inner: fs.with_fsync(false),
+        sync: Arc::clone(&sync),
+    };
+    Ok((Arc::new(store), sync))
+}
+
+/// Never called where flushes are not grouped ([`supported`] is false there).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn flushed(
+    _fs: LocalFileSystem,
+    _root: &std::path::Path,
+) -> io::Result<(Arc<dyn ObjectStore>, Arc<GroupSync>)> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "grouped flushes need Linux 5.8 or later",
+    ))
+}
+
+/// A local filesystem whose writes (puts, completed multipart uploads, copies, renames)
+/// return once durable, by flushes shared with concurrent writes.
+#[derive(Debug)]
+pub(crate) struct Flushed {
+    inner: LocalFileSystem,
+    sync: Arc<GroupSync>,
+}
+
+impl std::fmt::Display for Flushed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (grouped flushes)", self.inner)
+    }
+}
+
+/// Waits for a flush covering what was just written at `location`.
+async fn flush(sync: &GroupSync, location: &Path) -> object_store::Result<()> {
+    sync.sync().await.map_err(|e| object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: format!("flushing {location} to disk: {e}").into(),
+    })
+}
+
+#[async_trait]
+impl ObjectStore for Flushed {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let r = self.inner.put_opts(location, payload, opts).await?;
+        flush(&self.sync, location).await?;
+        Ok(r)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(FlushedUpload {
+            inner,
+            sync: Arc::clone(&self.sync),
+            location: location.clone(),
+        }))
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> object_store::Result<Vec<bytes::Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await?;
+        flush(&self.sync, to).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: RenameOptions,
+    ) -> object_store::Result<()> {
+        self.inner.rename_opts(from, to, options).await?;
+        flush(&self.sync, to).await
+    }
+}
+
+/// A multipart upload that returns from `complete` once the object is durable.
+#[derive(Debug)]
+struct FlushedUpload {
+    inner: Box<dyn MultipartUpload>,
+    sync: Arc<GroupSync>,
+    location: Path,
+}
+
+#[async_trait]
+impl MultipartUpload for FlushedUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        self.inner.put_part(data)
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        let r = self.inner.complete().await?;
+        flush(&self.sync, &self.location).await?;
+        Ok(r)
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.inner.abort().await
     }
 }
 

@@ -128,8 +128,7 @@ pub enum Error {
     /// The object store failed.
     #[error("blob store {op} failed: {source}")]
     Backend {
-        /// The operation (`put`, `get`, `head`, `delete`, `list`, `multipart`, `flush`, `build`,
-        /// `presign`).
+        /// The operation (`put`, `get`, `head`, `delete`, `list`, `multipart`, `build`, `presign`).
         op: &'static str,
         /// The object store's error.
         #[source]

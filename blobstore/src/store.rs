@@ -189,9 +189,9 @@ struct Inner {
     part_size: usize,
     upload_concurrency: usize,
     max_get_size: u64,
-    /// Flushes shared by concurrent puts, for a local directory whose puts are not flushed
-    /// one by one (see `durable`).
-    sync: Option<GroupSync>,
+    /// Where the object store's writes are flushed in groups (a local directory, see
+    /// `durable`), its flusher, for [`BlobStore::grouped_flushes`].
+    flushes: Option<Arc<GroupSync>>,
 }
 
 impl fmt::Debug for BlobStore {
@@ -204,7 +204,7 @@ impl fmt::Debug for BlobStore {
             .field("part_size", &self.inner.part_size)
             .field("upload_concurrency", &self.inner.upload_concurrency)
             .field("max_get_size", &self.inner.max_get_size)
-            .field("grouped_flushes", &self.inner.sync.is_some())
+            .field("grouped_flushes", &self.inner.flushes.is_some())
             .finish()
     }
 }
@@ -213,13 +213,11 @@ impl BlobStore {
     /// Opens the store `config` describes. A filesystem store's directory is created; nothing
     /// touches the network (the first request does).
     pub fn from_config(config: &StoreConfig) -> Result<Self> {
-        let (store, signer) = config.build_object_store()?;
+        let (store, signer, flushes) = config.build_object_store()?;
         let mut this = Self::build(config, store, signer)?;
-        if let Some(sync) = config.group_sync()? {
-            Arc::get_mut(&mut this.inner)
-                .expect("a store just built is not shared")
-                .sync = Some(sync);
-        }
+        Arc::get_mut(&mut this.inner)
+            .expect("a store just built is not shared")
+            .flushes = flushes;
         Ok(this)
     }
 
@@ -259,7 +257,7 @@ impl BlobStore {
                 part_size: config.part_size,
                 upload_concurrency: config.upload_concurrency,
                 max_get_size: config.max_get_size,
-                sync: None,
+                flushes: None,
             }),
         })
     }
@@ -606,7 +604,7 @@ impl BlobStore {
             ..PutOptions::default()
         };
         match self.inner.store.put_opts(path, payload, opts).await {
-            Ok(_) => self.flushed(urn).await,
+            Ok(_) => Ok(()),
             Err(object_store::Error::Precondition { .. }) => {
                 Err(Error::AlreadyExists { urn: urn.clone() })
             }
@@ -614,25 +612,11 @@ impl BlobStore {
         }
     }
 
-    /// Returns once the blob just written at `urn` is durable, where the store flushes puts in
-    /// groups (elsewhere the object store's put was durable when it returned).
-    pub(crate) async fn flushed(&self, urn: &Urn) -> Result<()> {
-        let Some(sync) = &self.inner.sync else {
-            return Ok(());
-        };
-        sync.sync().await.map_err(|source| Error::Backend {
-            op: "flush",
-            source: object_store::Error::Generic {
-                store: "LocalFileSystem",
-                source: format!("flushing {urn} to disk: {source}").into(),
-            },
-        })
-    }
-
-    /// Flushes of the filesystem run so far for puts, where they are grouped (`None`
-    /// where each put is flushed on its own, or not at all).
+    /// Flushes of the filesystem run so far for writes, where they are grouped (a local
+    /// directory opened from a configuration with `fsync` and `group_fsync`, on Linux 5.8 or
+    /// later); `None` where each write is flushed on its own, or not at all.
     pub fn grouped_flushes(&self) -> Option<u64> {
-        self.inner.sync.as_ref().map(GroupSync::flushes)
+        self.inner.flushes.as_deref().map(GroupSync::flushes)
     }
 }
 

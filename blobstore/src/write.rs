@@ -177,7 +177,6 @@ impl BlobWriter {
                     .finish()
                     .await
                     .map_err(|e| Error::backend("multipart", &urn, e))?;
-                self.store.flushed(&urn).await?;
                 urn
             }
             State::Closed => return Err(Error::WriterFailed),

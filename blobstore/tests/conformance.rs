@@ -882,6 +882,17 @@ async fn filesystem_puts_wait_for_a_shared_flush() {
     assert!((1..=32).contains(&shared), "{shared} flushes for 32 puts");
     println!("32 concurrent puts shared {shared} flushes");
 
+    // The flushing is the object store's own: a store built around it flushes too.
+    let reused = BlobStore::with_object_store(&f.config, f.store.object_store().clone()).unwrap();
+    let before = flushes();
+    let (_, blob) = sealed(700, 3);
+    reused.put(blob).await.unwrap();
+    assert_eq!(
+        flushes(),
+        before + 1,
+        "writes through the shared object store are flushed"
+    );
+
     // Each put flushed by the object store itself, or not at all, when asked.
     for query in ["group_fsync=false", "fsync=false"] {
         let root = f.root.as_ref().unwrap().join(query.replace('=', "-"));
