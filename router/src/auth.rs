@@ -88,7 +88,7 @@ impl FromRequestParts<AppState> for Caller {
                 "this API key was revoked",
             ));
         }
-        let permit = state.limits.admit(&key)?;
+        let permit = state.limits.admit(&key).await?;
         Ok(Caller { key, permit })
     }
 }

@@ -6,8 +6,10 @@
 //! it grows: a limiter idle for a minute with no request in flight is back at its full quota, so
 //! dropping it changes nothing for its caller.
 //!
-//! Limits are kept per router process: with N replicas behind a load balancer a key can reach
-//! up to N times its rate. A shared limiter would need a shared counter store; see docs.
+//! On a store that several router processes share (PostgreSQL), the rate is kept in the store
+//! (`Store::take_rate`, the same algorithm), so that a key's rate holds across replicas: one
+//! more round trip per request. The concurrency limit is kept per process: with N replicas a
+//! caller can have up to N times its concurrent requests in flight.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -22,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::store::ApiKey;
+use crate::store::{ApiKey, Store};
 
 struct KeyLimits {
     rate_per_minute: u32,
@@ -55,6 +57,8 @@ const SWEEP_ABOVE: usize = 10_000;
 pub struct Limits {
     table: Mutex<Table>,
     epoch: Instant,
+    /// Where rates are kept when replicas share the store.
+    shared: Option<Arc<dyn Store>>,
 }
 
 struct Table {
@@ -65,13 +69,7 @@ struct Table {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            table: Mutex::new(Table {
-                keys: HashMap::new(),
-                sweep_at: SWEEP_ABOVE,
-            }),
-            epoch: Instant::now(),
-        }
+        Self::new(None)
     }
 }
 
@@ -88,6 +86,23 @@ pub struct Permit {
 }
 
 impl Limits {
+    /// Limits with rates kept in this process, or in `shared` (a store replicas share).
+    pub fn new(shared: Option<Arc<dyn Store>>) -> Self {
+        Self {
+            table: Mutex::new(Table {
+                keys: HashMap::new(),
+                sweep_at: SWEEP_ABOVE,
+            }),
+            epoch: Instant::now(),
+            shared,
+        }
+    }
+
+    /// Limits for the router's store: rates in the store when replicas share it.
+    pub fn for_store(store: &Arc<dyn Store>) -> Self {
+        Self::new(store.shared().then(|| Arc::clone(store)))
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -109,6 +124,7 @@ impl Limits {
             rate_per_minute: key.rate_per_minute,
             max_concurrent: key.max_concurrent,
             rate: NonZeroU32::new(key.rate_per_minute)
+                .filter(|_| self.shared.is_none())
                 .map(|n| DefaultDirectRateLimiter::direct(Quota::per_minute(n))),
             concurrent: (key.max_concurrent > 0)
                 .then(|| Arc::new(Semaphore::new(key.max_concurrent as usize))),
@@ -136,8 +152,9 @@ impl Limits {
         self.len() == 0
     }
 
-    /// Admits one request for `key` or answers 429 with `Retry-After`.
-    pub fn admit(&self, key: &ApiKey) -> Result<Permit, ApiError> {
+    /// Admits one request for `key` or answers 429 with `Retry-After`. Fails closed: when the
+    /// shared store cannot be asked, the request is refused with the store's error.
+    pub async fn admit(&self, key: &ApiKey) -> Result<Permit, ApiError> {
         let l = self.for_key(key);
         let concurrent = match &l.concurrent {
             Some(sem) => Some(sem.clone().try_acquire_owned().map_err(|_| {
@@ -155,11 +172,24 @@ impl Limits {
             })?),
             None => None,
         };
-        if let Some(rate) = &l.rate
-            && let Err(not_until) = rate.check()
-        {
+        let wait = match (&self.shared, &l.rate) {
+            (Some(store), _) if l.rate_per_minute > 0 => {
+                let n = i64::from(l.rate_per_minute);
+                // Rounded up, so that no more than the rate goes through in a minute.
+                let interval_us = (60_000_000 + n - 1) / n;
+                store
+                    .take_rate(key.id, unix_us(), interval_us, l.rate_per_minute)
+                    .await?
+                    .map(|us| Duration::from_micros(us.unsigned_abs()))
+            }
+            (None, Some(rate)) => rate
+                .check()
+                .err()
+                .map(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
+            _ => None,
+        };
+        if let Some(wait) = wait {
             metrics::counter!("veil_rate_limited_total", "limit" => "rate").increment(1);
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -168,13 +198,22 @@ impl Limits {
                     l.rate_per_minute
                 ),
             );
-            e.retry_after = Some(wait.as_secs().max(1));
+            // Whole seconds, rounded up, at least one.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            e.retry_after = Some(secs.max(1));
             return Err(e);
         }
         Ok(Permit {
             _concurrent: concurrent,
         })
     }
+}
+
+/// Microseconds since the Unix epoch (the clock replicas share).
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 #[cfg(test)]
@@ -216,15 +255,15 @@ mod tests {
         assert_eq!(limits.len(), 3, "busy, recent and new callers stay");
     }
 
-    #[test]
-    fn a_spent_quota_is_answered_429_with_retry_after() {
+    #[tokio::test]
+    async fn a_spent_quota_is_answered_429_with_retry_after() {
         let limits = Limits::default();
         let key = ApiKey {
             rate_per_minute: 1,
             ..caller(7)
         };
-        limits.admit(&key).unwrap();
-        let e = limits.admit(&key).unwrap_err();
+        limits.admit(&key).await.unwrap();
+        let e = limits.admit(&key).await.unwrap_err();
         assert_eq!(e.code, "rate_limited");
         assert!(e.retry_after.unwrap() >= 1);
     }

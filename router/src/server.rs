@@ -295,6 +295,9 @@ async fn reaper(state: AppState) {
             if let Err(e) = state.store.prune_read_tokens(now_ms()).await {
                 tracing::warn!(error = %e, "read token pruning failed");
             }
+            if let Err(e) = state.store.prune_rates(now_ms() * 1000).await {
+                tracing::warn!(error = %e, "rate pruning failed");
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ pub struct Inner {
     pub blobs: BlobStore,
     /// The key service.
     pub keys: KeyService,
-    /// Per-API-key rate and concurrency limits.
+    /// Per-caller rate and concurrency limits (rates in the store when replicas share it).
     pub limits: Limits,
     /// Miner sessions already read from the store.
     pub miner_sessions: crate::auth::MinerSessionCache,
@@ -63,12 +63,13 @@ impl AppState {
     ) -> Self {
         let finished = Finished::start(store.subscribe());
         let lease_polls = crate::lease_polls::LeasePolls::start(store.subscribe());
+        let limits = Limits::for_store(&store);
         Self(Arc::new(Inner {
             cfg,
             store,
             blobs,
             keys: keys.into(),
-            limits: Limits::default(),
+            limits,
             miner_sessions: Default::default(),
             relay: Relay::default(),
             finished,

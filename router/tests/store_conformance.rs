@@ -157,6 +157,7 @@ suite!(
     miner_sessions_and_served_models,
     nonces,
     read_tokens,
+    rates_admit_a_burst_then_space_requests,
     enqueue_and_get,
     get_tasks_reads_many_at_once,
     enqueue_refuses_closed_and_expired_sessions,
@@ -691,6 +692,63 @@ async fn read_tokens(s: Arc<dyn Store>, b: &Backend) {
             .expires_at_ms,
         T0 + 1_000
     );
+}
+
+async fn rates_admit_a_burst_then_space_requests(s: Arc<dyn Store>, b: &Backend) {
+    let replica = b.replica().await;
+    const T: i64 = 20_000_000; // three a minute, in microseconds
+    let now = T0 * 1000;
+    let caller = Uuid::now_v7();
+    // A burst of three at once, taken through either store.
+    assert_eq!(s.take_rate(caller, now, T, 3).await.unwrap(), None);
+    assert_eq!(replica.take_rate(caller, now, T, 3).await.unwrap(), None);
+    assert_eq!(s.take_rate(caller, now, T, 3).await.unwrap(), None);
+    // Then one per interval; a refusal says how long to wait and changes nothing.
+    assert_eq!(replica.take_rate(caller, now, T, 3).await.unwrap(), Some(T));
+    assert_eq!(
+        s.take_rate(caller, now + T / 2, T, 3).await.unwrap(),
+        Some(T / 2)
+    );
+    assert_eq!(
+        replica.take_rate(caller, now + T, T, 3).await.unwrap(),
+        None
+    );
+    assert_eq!(s.take_rate(caller, now + T, T, 3).await.unwrap(), Some(T));
+    // Callers are counted apart.
+    let other = Uuid::now_v7();
+    assert_eq!(s.take_rate(other, now, T, 1).await.unwrap(), None);
+    assert_eq!(s.take_rate(other, now, T, 1).await.unwrap(), Some(T));
+    // A caller is forgotten once back at its full quota, and starts from it again.
+    assert_eq!(s.prune_rates(now + T).await.unwrap(), 0);
+    assert_eq!(s.prune_rates(now + 2 * T).await.unwrap(), 1);
+    assert_eq!(s.take_rate(other, now + 2 * T, T, 1).await.unwrap(), None);
+    // One interval on, the busy caller has one request again, not more.
+    assert_eq!(s.take_rate(caller, now + 2 * T, T, 3).await.unwrap(), None);
+    assert_eq!(
+        s.take_rate(caller, now + 2 * T, T, 3).await.unwrap(),
+        Some(T)
+    );
+
+    // Twenty requests at one instant through two stores at once: exactly the burst of ten.
+    let busy = Uuid::now_v7();
+    let mut takes = vec![];
+    for i in 0..20 {
+        let store = if i % 2 == 0 {
+            s.clone()
+        } else {
+            replica.clone()
+        };
+        takes.push(tokio::spawn(async move {
+            store.take_rate(busy, now, T, 10).await.unwrap()
+        }));
+    }
+    let mut admitted = 0;
+    for t in takes {
+        if t.await.unwrap().is_none() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 10);
 }
 
 async fn enqueue_and_get(s: Arc<dyn Store>, _b: &Backend) {

@@ -115,3 +115,57 @@ async fn two_replicas_on_one_postgres_and_bucket_serve_each_task_once() {
     b.stop().await;
     db.drop_database().await;
 }
+
+/// A key's rate holds across replicas: its requests per minute are counted in the shared
+/// database, whichever replica answers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_rate_is_shared_by_the_replicas() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring.json");
+    let settings = |name: &str| Settings {
+        data_dir: Some(dir.path().join(name)),
+        database_url: Some(db.url().to_string()),
+        keyring_path: Some(keyring.clone()),
+        ..Settings::default()
+    };
+    let a = TestRouter::start_with(settings("a"), Some(BlobStore::memory())).await;
+    let b = TestRouter::start_with(settings("b"), Some(BlobStore::memory())).await;
+    let (s, created) = a
+        .post(
+            a.admin(),
+            "/api/admin/api-keys",
+            &json!({"owner": "metered", "rate_per_minute": 4}),
+        )
+        .await;
+    assert_eq!(s, 201, "{created}");
+    let key = created["secret"].as_str().unwrap().to_string();
+
+    // Four requests, alternating replicas: the key's burst.
+    for i in 0..4 {
+        let r = if i % 2 == 0 { &a } else { &b };
+        let (s, v) = r.get(&key, "/api/v2/models").await;
+        assert_eq!(s, 200, "request {i}: {v}");
+    }
+    // The fifth is refused by either replica, with the wait (a quarter of a minute at most).
+    for r in [&a, &b] {
+        let resp = veil_tests::harness::http()
+            .get(format!("{}/api/v2/models", r.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429);
+        let wait: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=15).contains(&wait), "Retry-After {wait}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    }
+    // Another key is not affected.
+    let (s, v) = b.get(a.admin(), "/api/v2/models").await;
+    assert_eq!(s, 200, "{v}");
+}

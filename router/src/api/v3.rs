@@ -105,22 +105,25 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 
 /// Admits one request of `owner` (a checksummed address) by the per-caller limits, with the
 /// API-key defaults: 429 with `Retry-After` beyond them.
-fn admit(state: &AppState, owner: &str) -> ApiResult<Permit> {
+async fn admit(state: &AppState, owner: &str) -> ApiResult<Permit> {
     // The limiter is keyed by an id; a wallet's is derived from its address.
     let digest = Sha256::digest(format!("veil/v3/owner/{owner}").as_bytes());
     let mut id = [0u8; 16];
     id.copy_from_slice(&digest[..16]);
-    state.limits.admit(&ApiKey {
-        id: Uuid::from_bytes(id),
-        owner: owner.to_string(),
-        prefix: String::new(),
-        admin: false,
-        rate_per_minute: OWNER_RATE_PER_MINUTE,
-        max_concurrent: OWNER_MAX_CONCURRENT,
-        default_session: None,
-        created_at_ms: 0,
-        revoked_at_ms: None,
-    })
+    state
+        .limits
+        .admit(&ApiKey {
+            id: Uuid::from_bytes(id),
+            owner: owner.to_string(),
+            prefix: String::new(),
+            admin: false,
+            rate_per_minute: OWNER_RATE_PER_MINUTE,
+            max_concurrent: OWNER_MAX_CONCURRENT,
+            default_session: None,
+            created_at_ms: 0,
+            revoked_at_ms: None,
+        })
+        .await
 }
 
 /// The owner of one session, by a read token (`Authorization: Bearer vst_…`), admitted by the
@@ -163,7 +166,7 @@ impl FromRequestParts<AppState> for Reader {
             Err(StoreError::NotFound { .. }) => return Err(invalid_token()),
             Err(e) => return Err(e.into()),
         };
-        let permit = admit(state, &rec.owner)?;
+        let permit = admit(state, &rec.owner).await?;
         Ok(Reader {
             owner: rec.owner,
             session_id: rec.session_id,
@@ -197,7 +200,7 @@ async fn issue_token(state: &AppState, session: &Session) -> ApiResult<ReadToken
 
 /// The checksummed signer of a signed message, admitted by its limits. A verification failure
 /// names its field under `prefix`, where the message is nested (`open.`, `task.`, or none).
-fn signed_by<M: Message>(
+async fn signed_by<M: Message>(
     state: &AppState,
     signed: &Signed<M>,
     prefix: &str,
@@ -212,7 +215,7 @@ fn signed_by<M: Message>(
             e
         })?
         .to_checksum(None);
-    let permit = admit(state, &signer)?;
+    let permit = admit(state, &signer).await?;
     Ok((signer, permit))
 }
 
@@ -443,7 +446,7 @@ async fn open_session(
     State(state): State<AppState>,
     Json(req): Json<OpenSessionRequest>,
 ) -> ApiResult<(StatusCode, Json<OpenSessionResponse>)> {
-    let (signer, _permit) = signed_by(&state, &req.open, "open.")?;
+    let (signer, _permit) = signed_by(&state, &req.open, "open.").await?;
     let msg = &req.open.message;
     let kind = match msg.kind {
         KIND_DEDICATED => SessionKind::Dedicated,
@@ -673,7 +676,7 @@ async fn keys(
     State(state): State<AppState>,
     Json(req): Json<Signed<KeyRequest>>,
 ) -> ApiResult<Json<KeyResponse>> {
-    let (signer, _permit) = signed_by(&state, &req, "")?;
+    let (signer, _permit) = signed_by(&state, &req, "").await?;
     let msg = &req.message;
     let scope = match msg.scope {
         1 => Scope::Session,
@@ -1163,7 +1166,7 @@ async fn completions(
     State(state): State<AppState>,
     Json(req): Json<SubmitTaskRequest>,
 ) -> ApiResult<(StatusCode, Json<V3Task>)> {
-    let (signer, _permit) = signed_by(&state, &req.task, "task.")?;
+    let (signer, _permit) = signed_by(&state, &req.task, "task.").await?;
     let msg = &req.task.message;
     let session = named_session(&state, msg.session_id, "task.message.sessionId").await?;
     if session.owner != signer {

@@ -153,6 +153,29 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Removes tokens expired at `now_ms`. Returns how many.
     async fn prune_read_tokens(&self, now_ms: i64) -> Result<u64>;
 
+    // --- per-caller request rates ---------------------------------------------------------------
+    /// Whether several router processes share this store (PostgreSQL): per-caller request
+    /// rates are then kept here ([`Store::take_rate`]) instead of in each process.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Takes one request from `caller`'s rate by the generic cell rate algorithm: requests
+    /// `interval_us` apart on average, bursts of up to `burst` at once. Admitted (`None`) when
+    /// the caller's theoretical arrival time for its next request, or `now_us` if later, is at
+    /// most `(burst - 1) * interval_us` ahead of `now_us`; that time then moves on by
+    /// `interval_us`. Refused otherwise, changing nothing: `Some(microseconds to wait)`. Atomic
+    /// across replicas.
+    async fn take_rate(
+        &self,
+        caller: Uuid,
+        now_us: i64,
+        interval_us: i64,
+        burst: u32,
+    ) -> Result<Option<i64>>;
+    /// Forgets callers whose theoretical arrival time is before `now_us` (back at their full
+    /// quota, so forgetting changes nothing for them). Returns how many.
+    async fn prune_rates(&self, now_us: i64) -> Result<u64>;
+
     // --- tasks and the queue ----------------------------------------------------------------
     /// Queues a task (state `queued`). `Conflict(session_closed)` for a closed or expired
     /// session; `AlreadyExists` for a duplicate id. Publishes `TaskAvailable`.

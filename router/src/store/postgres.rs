@@ -793,6 +793,54 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    // --- per-caller request rates ---------------------------------------------------------------
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn take_rate(
+        &self,
+        caller: Uuid,
+        now_us: i64,
+        interval_us: i64,
+        burst: u32,
+    ) -> Result<Option<i64>> {
+        let tolerance = sql::rate_tolerance(interval_us, burst);
+        // One statement: the upsert's condition is checked against the row as it is once
+        // locked (concurrent requests of the caller on any replica queue on it); the time
+        // read beside it only sizes the wait of a refusal.
+        let (admitted, tat): (bool, Option<i64>) = sqlx::query_as(
+            "WITH cur AS (SELECT tat_us FROM rate_limits WHERE caller = $1), \
+             up AS (INSERT INTO rate_limits (caller, tat_us) VALUES ($1, $2 + $3) \
+                    ON CONFLICT (caller) DO UPDATE \
+                    SET tat_us = GREATEST(rate_limits.tat_us, $2) + $3 \
+                    WHERE GREATEST(rate_limits.tat_us, $2) - $4 <= $2 \
+                    RETURNING tat_us) \
+             SELECT EXISTS (SELECT 1 FROM up), (SELECT tat_us FROM cur)",
+        )
+        .bind(caller)
+        .bind(now_us)
+        .bind(interval_us)
+        .bind(tolerance)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok((!admitted).then(|| {
+            tat.map_or(interval_us, |t| t.max(now_us) - tolerance - now_us)
+                .max(1)
+        }))
+    }
+
+    async fn prune_rates(&self, now_us: i64) -> Result<u64> {
+        let done = sqlx::query(sql::PRUNE_RATES)
+            .bind(now_us)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
     // --- tasks and the queue ----------------------------------------------------------------
 
     async fn enqueue(&self, t: &NewTask) -> Result<Task> {

@@ -615,6 +615,15 @@ pub(super) const SELECT_READ_TOKEN: &str = "\
 /// Deletes the read tokens expired at `$1`.
 pub(super) const PRUNE_READ_TOKENS: &str = "DELETE FROM read_tokens WHERE expires_at_ms <= $1";
 
+/// Callers back at their full quota.
+pub(super) const PRUNE_RATES: &str = "DELETE FROM rate_limits WHERE tat_us < $1";
+
+/// How far ahead of now a caller's theoretical arrival time may be for a request to be
+/// admitted: `burst - 1` intervals.
+pub(super) fn rate_tolerance(interval_us: i64, burst: u32) -> i64 {
+    interval_us.saturating_mul(i64::from(burst.max(1)) - 1)
+}
+
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct ReadTokenRow {
     token_hash: Vec<u8>,

@@ -876,6 +876,48 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    // --- per-caller request rates ---------------------------------------------------------------
+
+    async fn take_rate(
+        &self,
+        caller: Uuid,
+        now_us: i64,
+        interval_us: i64,
+        burst: u32,
+    ) -> Result<Option<i64>> {
+        let tolerance = sql::rate_tolerance(interval_us, burst);
+        let tx = self.write().await?;
+        let tat = query_scalar::<i64>("SELECT tat_us FROM rate_limits WHERE caller = $1")
+            .bind(caller)
+            .fetch_optional(&tx)
+            .map_err(db_err)?;
+        let start = tat.map_or(now_us, |t| t.max(now_us));
+        if start - tolerance > now_us {
+            // Refused: nothing to write (the transaction is rolled back when dropped).
+            return Ok(Some(start - tolerance - now_us));
+        }
+        query(
+            "INSERT INTO rate_limits (caller, tat_us) VALUES ($1, $2) \
+             ON CONFLICT (caller) DO UPDATE SET tat_us = excluded.tat_us",
+        )
+        .bind(caller)
+        .bind(start + interval_us)
+        .execute(&tx)
+        .map_err(db_err)?;
+        tx.commit().await?;
+        Ok(None)
+    }
+
+    async fn prune_rates(&self, now_us: i64) -> Result<u64> {
+        let tx = self.write().await?;
+        let done = query(sql::PRUNE_RATES)
+            .bind(now_us)
+            .execute(&tx)
+            .map_err(db_err)?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
     // --- tasks and the queue ----------------------------------------------------------------
 
     async fn enqueue(&self, t: &NewTask) -> Result<Task> {
