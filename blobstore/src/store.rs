@@ -214,11 +214,7 @@ impl BlobStore {
     /// touches the network (the first request does).
     pub fn from_config(config: &StoreConfig) -> Result<Self> {
         let (store, signer, flushes) = config.build_object_store()?;
-        let mut this = Self::build(config, store, signer)?;
-        Arc::get_mut(&mut this.inner)
-            .expect("a store just built is not shared")
-            .flushes = flushes;
-        Ok(this)
+        Self::build(config, store, signer, flushes)
     }
 
     /// Opens the store a URL describes ([`StoreConfig::from_url`]).
@@ -239,13 +235,14 @@ impl BlobStore {
     /// throttling) with the URN identity and tuning of `config`; `config.backend` only supplies
     /// the storage type, provider and bucket. Such a store cannot presign URLs.
     pub fn with_object_store(config: &StoreConfig, store: Arc<dyn ObjectStore>) -> Result<Self> {
-        Self::build(config, store, None)
+        Self::build(config, store, None, None)
     }
 
     fn build(
         config: &StoreConfig,
         store: Arc<dyn ObjectStore>,
         signer: Option<Arc<dyn Signer>>,
+        flushes: Option<Arc<GroupSync>>,
     ) -> Result<Self> {
         config.validate()?;
         Ok(Self {
@@ -257,7 +254,7 @@ impl BlobStore {
                 part_size: config.part_size,
                 upload_concurrency: config.upload_concurrency,
                 max_get_size: config.max_get_size,
-                flushes: None,
+                flushes,
             }),
         })
     }

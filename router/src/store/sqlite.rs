@@ -982,16 +982,10 @@ impl Store for SqliteStore {
             if !seen.insert(id) {
                 continue;
             }
-            let row = query_as::<TaskRow>(concat!(
-                "SELECT ",
-                task_columns!(),
-                " FROM tasks WHERE id = $1"
-            ))
-            .bind(id)
-            .fetch_optional(&conn)
-            .map_err(db_err)?;
-            if let Some(row) = row {
-                out.push(row.into_task()?);
+            match task_row(&conn, id) {
+                Ok(t) => out.push(t),
+                Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
