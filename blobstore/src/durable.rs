@@ -348,6 +348,12 @@ mod tests {
         (Arc::new(GroupSync::new(Arc::new(flush))), tx)
     }
 
+    /// A caller of `g.sync()` on a task of its own.
+    fn spawn_sync(g: &Arc<GroupSync>) -> tokio::task::JoinHandle<io::Result<()>> {
+        let g = Arc::clone(g);
+        tokio::spawn(async move { g.sync().await })
+    }
+
     async fn until(what: impl Fn() -> bool) {
         for _ in 0..2000 {
             if what() {
@@ -361,10 +367,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_that_arrive_during_a_flush_share_the_next_one() {
         let (g, gate) = gated(vec![]);
-        let first = tokio::spawn({
-            let g = Arc::clone(&g);
-            async move { g.sync().await }
-        });
+        let first = spawn_sync(&g);
         until(|| g.flushes() == 1).await;
         // Nine more arrive while the first flush runs: none of them is covered by it.
         let done = Arc::new(AtomicUsize::new(0));
@@ -401,15 +404,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_flush_fails_everyone_it_covered_and_the_next_one_is_tried_afresh() {
         let (g, gate) = gated(vec![Ok(()), Err(io::Error::other("device gone")), Ok(())]);
-        let first = tokio::spawn({
-            let g = Arc::clone(&g);
-            async move { g.sync().await }
-        });
+        let first = spawn_sync(&g);
         until(|| g.flushes() == 1).await;
         let mut covered = vec![];
         for _ in 0..3 {
-            let g = Arc::clone(&g);
-            covered.push(tokio::spawn(async move { g.sync().await }));
+            covered.push(spawn_sync(&g));
         }
         // Let the three join the open batch before the first flush ends.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -421,10 +420,7 @@ mod tests {
             let e = r.await.unwrap().unwrap_err();
             assert!(e.to_string().contains("device gone"), "{e}");
         }
-        let later = tokio::spawn({
-            let g = Arc::clone(&g);
-            async move { g.sync().await }
-        });
+        let later = spawn_sync(&g);
         until(|| g.flushes() == 3).await;
         gate.send(()).unwrap();
         later.await.unwrap().unwrap();
@@ -433,25 +429,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiters_flush_themselves_when_the_caller_flushing_for_them_gives_up() {
         let (g, gate) = gated(vec![]);
-        let first = tokio::spawn({
-            let g = Arc::clone(&g);
-            async move { g.sync().await }
-        });
+        let first = spawn_sync(&g);
         until(|| g.flushes() == 1).await;
-        let second = tokio::spawn({
-            let g = Arc::clone(&g);
-            async move { g.sync().await }
-        });
+        let second = spawn_sync(&g);
         tokio::time::sleep(Duration::from_millis(50)).await;
         gate.send(()).unwrap();
         first.await.unwrap().unwrap();
         // The second caller closes its batch and starts the second flush; a third joins the
         // next batch, and the second caller is then dropped mid-flush.
         until(|| g.flushes() == 2).await;
-        let third = tokio::spawn({
-            let g = Arc::clone(&g);
-            async move { g.sync().await }
-        });
+        let third = spawn_sync(&g);
         tokio::time::sleep(Duration::from_millis(50)).await;
         second.abort();
         let _ = second.await;
